@@ -35,6 +35,7 @@ def resolve_wandb_mode(requested: str | None) -> str:
     """``auto`` -> ``online`` when an API key is configured, else ``offline``. WANDB_MODE wins if set."""
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
+    os.environ.pop("WANDB_MODE", None)  # an empty value would be rejected by wandb
     if requested in (None, "", "auto"):
         return "online" if wandb_api_key_configured() else "offline"
     return str(requested)
