@@ -33,6 +33,8 @@ def run_cli(entry: str, prog: str, main: Callable, argv: Sequence[str] | None = 
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE.format(prog=prog, groups=", ".join(groups())))
         return 0
+    # W&B agents pass `--key=value` (their default `${args}`); accept it as `key=value`
+    argv = [a[2:] if a.startswith("--") and "=" in a else a for a in argv]
     show_cfg = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]
     try:

@@ -1,0 +1,274 @@
+"""Offline W&B-sweep runner: parsing, grid/random expansion, commands, resume, summary and best trial."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from massedit.sweeps import (
+    STATE_FILE,
+    SweepSpecError,
+    build_command,
+    expand_grid,
+    expand_trials,
+    load_sweep,
+    run_sweep,
+    sample_random,
+    sweep_from_dict,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spec(method="grid", params=None, **kw):
+    raw = {"name": "t", "program": "train.py", "method": method, "metric": {"name": "score", "goal": "maximize"},
+           "parameters": params or {"method.weight_decay": {"values": [0.0, 0.01, 0.1, 1.0]}, "data.num_edits": {"value": 5}},
+           "command": ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]}
+    raw.update(kw)
+    return sweep_from_dict(raw)
+
+
+def _fake_score(wd: float) -> dict:
+    """A trade-off with a peak at wd = 0.1: efficacy falls, specificity rises with decay."""
+    x = math.log10(wd) if wd > 0 else -4
+    es, ns = 100 - 15 * (x + 4), 40 + 12 * (x + 4)
+    ps = es - 10
+    score = 3 / (1 / es + 1 / ps + 1 / ns)
+    return {"efficacy_success": es, "paraphrase_success": ps, "neighborhood_success": ns, "score": score,
+            "delta_norm": 1 / (1 + wd),
+            "pre": {"efficacy_success": 20.0, "paraphrase_success": 20.0, "neighborhood_success": 80.0, "score": 26.7}}
+
+
+# ------------------------------------------------------------------------------------------ parsing / expansion
+def test_shipped_sweep_file_is_a_valid_wandb_grid_that_train_accepts():
+    from massedit.config import compose
+
+    spec = load_sweep(REPO / "configs/sweeps/ftw_weight_decay.yaml")
+    assert spec.method == "grid" and spec.metric == "score" and spec.goal == "maximize"
+    assert spec.program == "train.py" and "${args_no_hyphens}" in spec.command
+    wds = spec.parameters["method.weight_decay"]["values"]
+    assert 0 in wds and len(wds) >= 5 and max(wds) / min(w for w in wds if w > 0) >= 1e3
+    trials = expand_trials(spec)
+    assert len(trials) == len(wds)
+    for t in trials:  # every trial's key=value arguments compose into a train config
+        # the runner's own additions (run directory, W&B group and name) must compose too
+        cmd = build_command(spec, t, extra_args=["output_dir=/tmp/x", "+logger.group=g", "+logger.name=n"])
+        args = cmd[cmd.index("train.py") + 1:]
+        cfg = compose("train", args)
+        assert cfg.method.name == "ftw" and float(cfg.method.weight_decay) == float(t["method.weight_decay"])
+        assert cfg.logger.group == "g" and cfg.output_dir == "/tmp/x"
+
+
+def test_grid_expansion_is_the_cartesian_product_in_file_order():
+    spec = _spec(params={"a": {"values": [1, 2]}, "b": {"values": ["x", "y", "z"]}, "c": {"value": 0.5},
+                         "nested": {"parameters": {"lr": {"values": [1e-3]}}}})
+    trials = expand_grid(spec.parameters)
+    assert len(trials) == 6
+    assert trials[0] == {"a": 1, "b": "x", "c": 0.5, "nested.lr": 1e-3}
+    assert [(t["a"], t["b"]) for t in trials] == [(1, "x"), (1, "y"), (1, "z"), (2, "x"), (2, "y"), (2, "z")]
+    assert spec.varying() == ["a", "b"]
+
+
+def test_yaml11_exponent_strings_become_numbers(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(textwrap.dedent("""
+        method: grid
+        program: train.py
+        command:
+          - ${env}
+          - ${interpreter}
+          - ${program}
+          - ${args_no_hyphens}
+        metric: {name: score, goal: maximize}
+        parameters:
+          method.weight_decay: {values: [0, 1e-4, 1e-2]}
+    """))
+    assert load_sweep(f).parameters["method.weight_decay"]["values"] == [0, 1e-4, 1e-2]
+
+
+def test_random_search_distributions_and_determinism():
+    params = {"lr": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-1},
+              "wd": {"distribution": "uniform", "min": 0.0, "max": 2.0},
+              "layer": {"distribution": "int_uniform", "min": 3, "max": 7},
+              "loss": {"values": ["bag_last_position", "autoregressive"], "probabilities": [0.75, 0.25]},
+              "q": {"distribution": "q_uniform", "min": 0, "max": 10, "q": 2},
+              "ln": {"distribution": "log_uniform", "min": 0.0, "max": 1.0},
+              "fixed": {"value": 7}}
+    spec = _spec(method="random", params=params, run_cap=200)
+    trials = expand_trials(spec, seed=3)
+    assert len(trials) == 200
+    for t in trials:
+        assert 1e-5 <= t["lr"] <= 1e-1 and 0 <= t["wd"] <= 2 and t["layer"] in range(3, 8)
+        assert t["loss"] in ("bag_last_position", "autoregressive") and t["fixed"] == 7
+        assert t["q"] % 2 == 0 and 1 <= t["ln"] <= math.e
+    lrs = sorted(math.log10(t["lr"]) for t in trials)
+    assert lrs[20] < -4 and lrs[-20] > -2  # log-uniform: spread over the decades
+    assert 0.6 < sum(t["loss"] == "bag_last_position" for t in trials) / 200 < 0.9
+    assert sample_random(spec.parameters, 5, seed=3) == trials[:5]          # prefix-stable (resume)
+    assert sample_random(spec.parameters, 5, seed=4) != trials[:5]
+    with pytest.raises(SweepSpecError, match="run_cap"):
+        expand_trials(_spec(method="random", params=params))
+
+
+@pytest.mark.parametrize("raw, msg", [
+    ({"method": "bayes"}, "bayes"),
+    ({"method": "grid", "parameters": {"x": {"distribution": "uniform", "min": 0, "max": 1}}}, "grid search"),
+    ({"metric": {}}, "metric"),
+    ({"command": None}, "args_no_hyphens"),
+    ({"parameters": {"x": {"values": []}}}, "non-empty"),
+    ({"parameters": {"x": {"distribution": "log_uniform_values", "min": 0, "max": 1}}, "method": "random"}, "min > 0"),
+])
+def test_bad_sweep_files_fail_clearly(raw, msg):
+    base = {"name": "t", "program": "train.py", "method": "grid", "metric": {"name": "score", "goal": "maximize"},
+            "parameters": {"a": {"values": [1]}}, "command": ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]}
+    base.update(raw)
+    if base.get("command") is None:
+        del base["command"]
+    with pytest.raises(SweepSpecError, match=msg):
+        sweep_from_dict(base)
+
+
+def test_command_macros_like_the_wandb_agent():
+    spec = _spec(params={"method.weight_decay": {"value": 0.001}, "flag": {"value": True}})
+    cmd = build_command(spec, {"method.weight_decay": 0.001, "flag": True}, extra_args=["x=1"], interpreter="python")
+    assert cmd == ["/usr/bin/env", "python", "train.py", "method.weight_decay=0.001", "flag=true", "x=1"]
+    spec.command = ["${interpreter}", "${program}", "${args}"]
+    assert build_command(spec, {"a": 1}, interpreter="py") == ["py", "train.py", "--a=1"]
+
+
+# ------------------------------------------------------------------------------------------ running
+def test_runner_reports_best_trial_and_writes_summary(tmp_path):
+    spec = _spec()
+    seen = []
+
+    def trial(ctx):
+        seen.append(ctx.trial["id"])
+        assert ctx.group == json.loads((tmp_path / STATE_FILE).read_text())["group"]
+        return _fake_score(float(ctx.trial["params"]["method.weight_decay"]))
+
+    summary = run_sweep(spec, tmp_path, trial, log_to_wandb=False, progress=False)
+    assert seen == ["t000", "t001", "t002", "t003"]
+    best_wd = max([0.0, 0.01, 0.1, 1.0], key=lambda w: _fake_score(w)["score"])
+    assert summary["best"]["method.weight_decay"] == best_wd
+    assert summary["x"] == "method.weight_decay"
+    md = (tmp_path / "summary.md").read_text()
+    assert "(best)" in md and md.count("\n|") >= 5
+    assert summary["pre"]["neighborhood_success"] == 80.0 and "Unedited model" in md
+    js = json.loads((tmp_path / "summary.json").read_text())
+    assert js["best"]["trial"] == summary["best"]["trial"] and len(js["rows"]) == 4
+    png = (tmp_path / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_minimize_goal_picks_smallest(tmp_path):
+    spec = _spec(metric={"name": "delta_norm", "goal": "minimize"})
+    summary = run_sweep(spec, tmp_path, lambda ctx: _fake_score(float(ctx.trial["params"]["method.weight_decay"])),
+                        log_to_wandb=False, progress=False)
+    assert summary["best"]["method.weight_decay"] == 1.0
+
+
+class _Crash(BaseException):
+    pass
+
+
+def test_resume_does_not_rerun_finished_trials(tmp_path):
+    spec = _spec()
+    calls = []
+
+    def crashing(ctx):
+        if ctx.trial["id"] == "t002":
+            raise _Crash()  # the process dies mid-sweep (not an ordinary trial failure)
+        calls.append(ctx.trial["id"])
+        return _fake_score(float(ctx.trial["params"]["method.weight_decay"]))
+
+    with pytest.raises(_Crash):
+        run_sweep(spec, tmp_path, crashing, log_to_wandb=False, progress=False)
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert [t["status"] for t in state["trials"]] == ["finished", "finished", "running", "pending"]
+
+    resumed = []
+
+    def ok(ctx):
+        resumed.append(ctx.trial["id"])
+        return _fake_score(float(ctx.trial["params"]["method.weight_decay"]))
+
+    summary = run_sweep(spec, tmp_path, ok, log_to_wandb=False, progress=False)
+    assert calls == ["t000", "t001"] and resumed == ["t002", "t003"]
+    assert summary["n_finished"] == 4
+    assert run_sweep(spec, tmp_path, ok, log_to_wandb=False, progress=False)["n_finished"] == 4
+    assert resumed == ["t002", "t003"]  # a third run has nothing left to do
+    with pytest.raises(SweepSpecError, match="different sweep"):
+        run_sweep(_spec(params={"method.weight_decay": {"values": [5.0]}}), tmp_path, ok, log_to_wandb=False)
+
+
+def test_failed_trials_are_recorded_and_retried_on_request(tmp_path):
+    spec = _spec()
+
+    def flaky(ctx):
+        if ctx.trial["id"] == "t001":
+            raise RuntimeError("boom")
+        return _fake_score(float(ctx.trial["params"]["method.weight_decay"]))
+
+    s = run_sweep(spec, tmp_path, flaky, log_to_wandb=False, progress=False)
+    assert s["n_failed"] == 1 and s["n_finished"] == 3
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert "boom" in state["trials"][1]["error"]
+    again = []
+    s = run_sweep(spec, tmp_path, lambda ctx: again.append(ctx.trial["id"]) or _fake_score(1.0),
+                  log_to_wandb=False, progress=False)
+    assert again == [] and s["n_failed"] == 1
+    s = run_sweep(spec, tmp_path, lambda ctx: again.append(ctx.trial["id"]) or _fake_score(1.0),
+                  retry_failed=True, log_to_wandb=False, progress=False)
+    assert again == ["t001"] and s["n_failed"] == 0
+
+
+def test_random_sweep_grows_with_count_and_keeps_finished(tmp_path):
+    spec = _spec(method="random", params={"method.weight_decay": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1.0}})
+    first = []
+    run_sweep(spec, tmp_path, lambda c: first.append(c.trial["params"]) or _fake_score(c.trial["params"]["method.weight_decay"]),
+              count=3, log_to_wandb=False, progress=False)
+    more = []
+    s = run_sweep(spec, tmp_path, lambda c: more.append(c.trial["params"]) or _fake_score(c.trial["params"]["method.weight_decay"]),
+                  count=5, log_to_wandb=False, progress=False)
+    assert len(first) == 3 and len(more) == 2 and s["n_finished"] == 5
+    assert not any(m in first for m in more)
+
+
+def test_subprocess_trial_runs_the_command_and_reads_results(tmp_path):
+    prog = tmp_path / "prog.py"
+    prog.write_text(textwrap.dedent("""
+        import json, os, sys
+        kv = dict(a.split("=", 1) for a in sys.argv[1:])
+        wd = float(kv["wd"])
+        json.dump({"score": 50 + wd, "efficacy_success": 90, "paraphrase_success": 80,
+                   "neighborhood_success": 40 + wd, "group": os.environ["WANDB_RUN_GROUP"]},
+                  open(os.environ["MASSEDIT_TRIAL_RESULT"], "w"))
+    """))
+    spec = sweep_from_dict({"name": "sub", "program": str(prog), "method": "grid",
+                            "metric": {"name": "score", "goal": "maximize"},
+                            "parameters": {"wd": {"values": [1, 3, 2]}},
+                            "command": ["${interpreter}", "${program}", "${args_no_hyphens}"]})
+    s = run_sweep(spec, tmp_path / "out", devices=["0", "1"], log_to_wandb=False, progress=False)
+    assert s["n_finished"] == 3 and s["best"]["wd"] == 3
+    state = json.loads((tmp_path / "out" / STATE_FILE).read_text())
+    assert all(t["result"]["group"] == state["group"] for t in state["trials"])
+    assert {t["device"] for t in state["trials"]} <= {"0", "1"}
+    assert (tmp_path / "out/trials/t000/command.txt").read_text().startswith(sys.executable)
+
+
+def test_cli_dry_run_and_summary_logged_to_wandb_offline(tmp_path, monkeypatch, capsys):
+    from massedit.sweeps import log_summary_to_wandb, main
+
+    assert main([str(REPO / "configs/sweeps/ftw_weight_decay.yaml"), "--dry-run", "--set", "data.num_edits=7"]) == 0
+    out = capsys.readouterr().out
+    assert "method.weight_decay=0.0" in out and "data.num_edits=7" in out
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    spec = _spec()
+    summary = run_sweep(spec, tmp_path, lambda c: _fake_score(float(c.trial["params"]["method.weight_decay"])),
+                        log_to_wandb=False, progress=False)
+    assert log_summary_to_wandb(tmp_path, spec, summary, group="g") is True
+    assert list(tmp_path.glob("wandb/offline-run-*"))
