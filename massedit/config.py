@@ -97,9 +97,9 @@ def compose(entry: str, overrides: Sequence[str] = (), config_dir: Path | str = 
         add = k.startswith("+")
         key = k.lstrip("+")
         value = _parse_value(v)
-        if not add and OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-            parent = key.rsplit(".", 1)[0] if "." in key else ""
-            node = OmegaConf.select(cfg, parent) if parent else cfg
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not add and not (isinstance(node, DictConfig) and leaf in node.keys()):
             valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
             raise ConfigError(f"unknown config key {key!r} (use +{key}=... to add it); valid keys here: {valid}")
         with open_dict(cfg):

@@ -30,6 +30,11 @@ def test_overrides():
     assert list(cfg.extra.k) == [1, 2] and cfg.seed == 3
 
 
+def test_missing_value_can_be_set():
+    cfg = compose("edit", ["data=user", "data.path=my.jsonl"])
+    assert cfg.data.path == "my.jsonl"
+
+
 def test_defaults():
     cfg = compose("edit")
     assert cfg.model.name_or_path == "smollm2-135m" and cfg.method.name == "memit" and cfg.data.path == "builtin:smollm2_facts"
