@@ -1,9 +1,9 @@
 """Public entry points: :func:`evaluate` (one model state, one Lightning validate pass) and :func:`run_eval_only`."""
 from __future__ import annotations
 
-import contextlib
+from massedit.lightning_utils import quiet_lightning
+
 import logging
-import warnings
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,24 +95,6 @@ def consistency_scorer(cfg: dict[str, Any]):
     return _SCORERS[key]
 
 
-@contextlib.contextmanager
-def _quiet_lightning():
-    """Hide Lightning's per-Trainer banners (GPU/TPU available, tips) and the expected evaluation warnings
-    (no dataloader workers: batches are pre-built; DistributedSampler duplicates: de-duplicated by key)."""
-    names = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero", "lightning_fabric")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*DistributedSampler.*")
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
 
 
 def default_trainer_kwargs(model) -> dict[str, Any]:
@@ -159,7 +141,7 @@ def evaluate(model, tok, requests: Sequence[Any], eval_cfg=None, *, stage: str =
     orig_device = next(model.parameters()).device
     was_training = model.training
     t0 = time.time()
-    with _quiet_lightning():
+    with quiet_lightning():
         trainer = pl.Trainer(**kw)
         trainer.validate(module, datamodule=dm, verbose=False)
     seconds = time.time() - t0

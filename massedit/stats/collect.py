@@ -13,12 +13,12 @@ Order of sources for each requested layer:
 """
 from __future__ import annotations
 
-import contextlib
+from massedit.lightning_utils import quiet_lightning
+
 import logging
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -178,7 +178,7 @@ def run_lightning_collection(model: torch.nn.Module, job: CollectionJob, s: Stat
     from massedit.lightning_modules.stats import SecondMomentModule
 
     accelerator, devices, strategy = _lightning_devices(model, s)
-    with _quiet_lightning():
+    with quiet_lightning():
         trainer = pl.Trainer(
             accelerator=accelerator, devices=devices, strategy=strategy, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, inference_mode=True,
@@ -188,23 +188,6 @@ def run_lightning_collection(model: torch.nn.Module, job: CollectionJob, s: Stat
         trainer.predict(module, datamodule=CorpusDataModule(job.token_batches, s.num_workers), return_predictions=False)
 
 
-@contextlib.contextmanager
-def _quiet_lightning():
-    """Silence Lightning's banner lines (GPU available..., tips) during a statistics run."""
-    names = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
-             "lightning_fabric.utilities.rank_zero", "pytorch_lightning.accelerators.cuda")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
 
 
 # --------------------------------------------------------------------------------------------- API
