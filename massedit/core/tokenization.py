@@ -24,6 +24,30 @@ def prepare_tokenizer(tok):
     return tok
 
 
+def emits_token_type_ids(tok) -> bool:
+    """Whether ``tok(text)`` returns ``token_type_ids`` (its ``model_input_names`` list them).
+
+    The reference feeds every editing forward as ``model(**tok(texts))`` (keys, k0/o0, the v*/z
+    optimisation rows), so a tokenizer that emits ``token_type_ids`` (all zeros for single texts, pads
+    included) changes what the model computes: GPT-2/GPT-J add ``wte(token_type_ids)`` = the embedding of
+    token 0 at every position. Stock GPT-2/Llama tokenizers do not emit them; a transformers-4
+    ``PreTrainedTokenizerFast(tokenizer_file=...)`` does (its default ``model_input_names``). Every
+    editing forward here therefore passes the same inputs the tokenizer would return
+    (:func:`tokenize_batch`, :func:`token_type_ids_like`); the statistics collector and the template
+    sampler feed ``input_ids``/``attention_mask`` only, as the reference's ``layer_stats`` and
+    ``generate_fast`` do.
+    """
+    return "token_type_ids" in (getattr(tok, "model_input_names", None) or ())
+
+
+def token_type_ids_like(tok, input_ids: torch.Tensor) -> dict:
+    """``{"token_type_ids": zeros}`` when ``tok`` emits them (:func:`emits_token_type_ids`), else ``{}``:
+    what ``tok(texts, padding=True)`` would add for a batch assembled from pre-tokenised rows."""
+    if not emits_token_type_ids(tok):
+        return {}
+    return {"token_type_ids": torch.zeros_like(input_ids)}  # single texts: segment 0 (pads too, after the text)
+
+
 def _enc(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 

@@ -35,7 +35,7 @@ def module_io_at_words(model, tok, module_name: str, templates: Sequence[str], w
     for s in range(0, len(texts), chunk):
         enc = tokenize_batch(tok, texts[s : s + chunk], device=device)
         with Trace(model, module_name, retain_input=True, retain_output=True, stop=True) as tr:
-            model(**enc)
+            model(**enc)  # the tokenizer's full encoding, as the reference (token_type_ids included if emitted)
         x_in = tr.input
         x_out = ArchAdapter.block_hidden(tr.output)
         rows = torch.arange(len(texts[s : s + chunk]), device=device)

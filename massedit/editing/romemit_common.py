@@ -207,7 +207,7 @@ def corpus_second_moments(model, tok, layers: Sequence[int], texts: Sequence[str
         enc = tokenize_batch(tok, texts[s : s + batch_size], device=device, max_length=max_length)
         mask = enc["attention_mask"].bool()
         with TraceDict(model, list(names), retain_input=True, retain_output=False, stop=True) as td:
-            model(**enc)
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])  # as layer_stats: no token types
         for name, l in names.items():
             k = td[name].input[mask].double()
             acc[l] += k.T @ k

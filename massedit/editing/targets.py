@@ -30,7 +30,8 @@ import torch
 
 from massedit.core.adapters import ArchAdapter
 from massedit.core.nethook import TraceDict
-from massedit.core.tokenization import encode, subject_token_index, target_token_ids, with_leading_space
+from massedit.core.tokenization import (encode, subject_token_index, target_token_ids, token_type_ids_like,
+                                        with_leading_space)
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +292,8 @@ def _restore_blocks(saved: dict) -> None:
 
 
 def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], *, edit_module: str, edit_is_block: bool,
-                    nll_block: str | None, hp, pad_id: int, pbar=None, prefix_block: int | None = None
-                    ) -> list[TargetResult]:
+                    nll_block: str | None, hp, pad_id: int, pbar=None, prefix_block: int | None = None,
+                    tok=None) -> list[TargetResult]:
     device = next(model.parameters()).device
     # frozen prefix: blocks 0..prefix_block produce the same output at every step (δ enters after them)
     reuse = getattr(hp, "reuse_frozen_prefix", True) and prefix_block is not None and prefix_block >= 0
@@ -344,7 +345,8 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
                                  lambda: prefix["base"][prefix["rows"], :width], prefix["like"])
         try:
             with TraceDict(model, names, retain_output=True, edit_output=edit_fn, stop=True) as td:
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                      **token_type_ids_like(tok, batch.input_ids))  # as model(**tok(rows)) in the reference
         finally:
             if saved is not None:
                 _restore_blocks(saved)
@@ -447,7 +449,7 @@ def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_
             for g in groups:
                 res = _optimise_group(model, adapter, [problems[i] for i in g], edit_module=edit_module,
                                       edit_is_block=edit_is_block, nll_block=nll_block, hp=hp, pad_id=pad_id, pbar=pbar,
-                                      prefix_block=prefix_block)
+                                      prefix_block=prefix_block, tok=tok)
                 for i, r in zip(g, res):
                     results[i] = r
                     if on_result is not None:
