@@ -29,6 +29,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scoring", default="auto", choices=["auto", "packed", "plain"])
     ap.add_argument("--compare-plain", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=None, help="also write the pre-edit report (summary.json, per_case.jsonl) here")
     args = ap.parse_args(argv)
 
@@ -39,7 +41,7 @@ def main(argv=None) -> dict:
     from massedit.data.requests import load_requests
     from massedit.evaluation import evaluate, write_report
 
-    model, tok = load_model_and_tokenizer({"name_or_path": args.model, "dtype": "float32"})
+    model, tok = load_model_and_tokenizer({"name_or_path": args.model, "dtype": args.dtype}, device=args.device)
     reqs = load_requests(args.data, num_edits=args.num_records)
     n_prompts = sum(1 + len(r.paraphrase_prompts) + len(r.neighborhood_prompts) for r in reqs)
     cfg = {"generation": False, "batch_size": args.batch_size, "scoring": args.scoring}
@@ -53,7 +55,7 @@ def main(argv=None) -> dict:
         "prompts_per_s": round(n_prompts / dt, 1), "threads": torch.get_num_threads(),
         "process_cpu_seconds": round(cpu, 2),
         "tokens_forwarded": res.info.get("tokens_forwarded"),
-        "cpu": platform.processor() or platform.machine(), "load_avg_1min_before": load0,
+        "cpu": platform.processor() or platform.machine(), "device": args.device, "dtype": args.dtype, "load_avg_1min_before": load0,
         "load_avg_1min_after": os.getloadavg()[0], "cpu_count": os.cpu_count(),
         "summary": {k: (None if v is None else round(v, 2)) for k, v in res.summary.items()},
     }

@@ -22,6 +22,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _device_name(device) -> str:
+    import platform
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -31,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hparams", default="smollm2-135m")
     ap.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
+    ap.add_argument("--dtype", default="float32", help="model dtype: float32 | bfloat16 | float16")
     ap.add_argument("--no-prefix-reuse", action="store_true",
                     help="recompute the blocks below the z layer at every step (hp.reuse_frozen_prefix=False)")
     args = ap.parse_args(argv)
@@ -49,19 +64,22 @@ def main(argv=None):
         hp = hp.replace(reuse_frozen_prefix=False)
     if args.max_tokens:
         hp = hp.replace(targets_max_tokens=args.max_tokens)
-    model, tok = load_model_and_tokenizer({"name_or_path": "smollm2-135m"})
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tok = load_model_and_tokenizer({"name_or_path": "smollm2-135m", "dtype": args.dtype}, device=device)
     reqs = load_requests(args.data, fmt="counterfact", num_edits=args.n)
     templates = flatten(sample_memit_templates(model, tok, hp.memit_template_prompts, hp.memit_template_length_params, seed=0))
     times, res = {}, {}
     for mode in ("batched", "one_at_a_time"):
+        _sync(device)
         t0 = time.perf_counter()
         res[mode] = compute_targets(model, tok, reqs, hp, templates, batched=(mode == "batched"), progress=True)
+        _sync(device)
         times[mode] = time.perf_counter() - t0
     diff = max(float((a.target - b.target).norm() / b.target.norm()) for a, b in zip(res["batched"], res["one_at_a_time"]))
     steps_equal = sum(a.n_adam_steps == b.n_adam_steps for a, b in zip(res["batched"], res["one_at_a_time"]))
     out = {
         "n_edits": len(reqs), "v_num_grad_steps": hp.v_num_grad_steps, "targets_max_tokens": hp.targets_max_tokens,
-        "threads": args.threads, "reuse_frozen_prefix": hp.reuse_frozen_prefix,
+        "threads": args.threads, "device": _device_name(device), "dtype": args.dtype, "reuse_frozen_prefix": hp.reuse_frozen_prefix,
         "batched_s": round(times["batched"], 1), "one_at_a_time_s": round(times["one_at_a_time"], 1),
         "batched_edits_per_s": round(len(reqs) / times["batched"], 3),
         "one_at_a_time_edits_per_s": round(len(reqs) / times["one_at_a_time"], 3),
