@@ -76,8 +76,7 @@ def test_memit_and_rome_on_cuda(family, dtype):
     C_cpu = corpus_second_moments(cpu, tok, layers, TEXTS)
     model = on(cpu, DTYPES[dtype])
     C = corpus_second_moments(model, tok, layers, TEXTS)
-    for l in layers:
-        assert C[l].device == model.device
+    for l in layers:  # C is returned on the CPU in float32 by design (cached / shared across devices)
         assert rel(C[l], C_cpu[l]) <= (1e-4 if dtype == "float32" else 3e-2), (l, rel(C[l], C_cpu[l]))
     before = _state(model)
     for name, editor in (
@@ -160,3 +159,24 @@ def test_stats_lightning_collection_on_cuda(tmp_path):
     got = get_second_moments(model, tok, [0, 2], _cfg(corpus, tmp_path / "b", engine="lightning", cache=False))
     for l in (0, 2):
         assert rel(got[l], ref[l]) <= 1e-4, l
+    assert next(model.parameters()).is_cuda  # Lightning's teardown moves modules to the CPU: keep_device undoes it
+
+
+def test_lightning_runs_leave_the_model_on_cuda(tmp_path):
+    """Evaluation, then MEMIT with statistics collected through Lightning, as edit.py runs them: every step
+    must find the model on the GPU (the deltas are computed where the model is)."""
+    from massedit.evaluation import evaluate
+    from massedit.stats import get_second_moments
+    from test_stats import _cfg, _write_corpus
+
+    corpus = _write_corpus(tmp_path / "wiki.txt")
+    cpu, tok = tiny_model("llama", seed=0)
+    model = on(cpu, torch.float32)
+    evaluate(model, tok, REQS, {"generation": False}, stage="pre", trainer_kwargs=QUIET)
+    assert next(model.parameters()).is_cuda
+    stats_cfg = _cfg(corpus, tmp_path, engine="lightning", cache=False)
+    editor = MemitEditor(hparams=hp([1, 2]), stats_provider=lambda m, t, l: get_second_moments(m, t, l, stats_cfg),
+                         context_templates=GROUPS, progress=False)
+    deltas = editor.edit(model, tok, REQS)
+    assert next(model.parameters()).is_cuda
+    assert all(d.is_cuda for d in deltas.values())

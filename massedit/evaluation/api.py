@@ -1,7 +1,7 @@
 """Public entry points: :func:`evaluate` (one model state, one Lightning validate pass) and :func:`run_eval_only`."""
 from __future__ import annotations
 
-from massedit.lightning_utils import quiet_lightning
+from massedit.lightning_utils import keep_device, quiet_lightning
 
 import logging
 import time
@@ -138,15 +138,12 @@ def evaluate(model, tok, requests: Sequence[Any], eval_cfg=None, *, stage: str =
                               max_gen_len=cfg["max_gen_len"], consistency_scorer=scorer, scoring_mode=cfg["scoring"])
     kw = default_trainer_kwargs(model)
     kw.update(_normalise_trainer_kwargs(trainer_kwargs))
-    orig_device = next(model.parameters()).device
     was_training = model.training
     t0 = time.time()
-    with quiet_lightning():
+    with quiet_lightning(), keep_device(model):
         trainer = pl.Trainer(**kw)
         trainer.validate(module, datamodule=dm, verbose=False)
     seconds = time.time() - t0
-    if next(model.parameters()).device != orig_device:
-        model.to(orig_device)
     model.train(was_training)
     res = module.results
     per_case, summary, ci, n = build_results(kind, requests, res["scores"], res["generation"], res["texts"],

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from massedit.lightning_utils import keep_device, quiet_lightning
 from massedit.core.deltas import apply_deltas, delta_norms, diff_from, revert_deltas, save_deltas
 from massedit.editing.ft import (
     FTConfigError,
@@ -147,28 +147,6 @@ def _precision_for(model: nn.Module, requested) -> str:
     return req
 
 
-class _QuietLightning:
-    """Silence Lightning's start-up banners and the intended "modules in eval mode" warning during FT."""
-
-    names = ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda", "lightning.pytorch")
-
-    def __enter__(self):
-        self._levels = {n: logging.getLogger(n).level for n in self.names}
-        for n in self.names:
-            logging.getLogger(n).setLevel(logging.WARNING)
-        self._warn = warnings.catch_warnings()
-        self._warn.__enter__()
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-        return self
-
-    def __exit__(self, *exc):
-        self._warn.__exit__(*exc)
-        for n, lv in self._levels.items():
-            logging.getLogger(n).setLevel(lv)
-
-
 def fit_ft(model: nn.Module, tok, requests: Sequence, opts: Mapping[str, Any] | None,
            trainer_cfg: Mapping[str, Any] | None = None, logger=None, callbacks=None) -> FTResult:
     """Fine-tune on ``requests`` with ``Trainer.fit`` and return the deltas ``W − W₀`` (float32).
@@ -194,35 +172,30 @@ def fit_ft(model: nn.Module, tok, requests: Sequence, opts: Mapping[str, Any] | 
              list(params), sum(p.numel() for p in params.values()), wd, opts["optimizer"], opts["decay_to"],
              opts["loss"], opts["lr"], opts["epochs"], opts["batch_size"], precision)
     module = FTWModule(model, list(params), originals, opts, wd)
-    quiet = _QuietLightning().__enter__()
     t0 = time.time()
     try:
-        trainer = pl.Trainer(
-            accelerator="cpu" if device.type == "cpu" else "gpu",
-            devices=[device.index or 0] if device.type == "cuda" else 1,
-            precision=precision,
-            max_epochs=int(opts["epochs"]),
-            max_steps=int(opts.get("max_steps") or -1),
-            logger=logger if logger is not None else False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=bool(trainer_cfg.get("enable_progress_bar", True)),
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
-            gradient_clip_val=opts.get("grad_clip"),
-            callbacks=list(callbacks or []),
-        )
-        model.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        trainer.fit(module, datamodule=dm)
-        if next(model.parameters()).device != device:  # Lightning's teardown may move the module to CPU
-            model.to(device)
+        with quiet_lightning(), keep_device(model):  # Lightning's teardown would move the module to the CPU
+            trainer = pl.Trainer(
+                accelerator="cpu" if device.type == "cpu" else "gpu",
+                devices=[device.index or 0] if device.type == "cuda" else 1,
+                precision=precision,
+                max_epochs=int(opts["epochs"]),
+                max_steps=int(opts.get("max_steps") or -1),
+                logger=logger if logger is not None else False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=bool(trainer_cfg.get("enable_progress_bar", True)),
+                num_sanity_val_steps=0,
+                log_every_n_steps=1,
+                gradient_clip_val=opts.get("grad_clip"),
+                callbacks=list(callbacks or []),
+            )
+            model.requires_grad_(False)
+            for p in params.values():
+                p.requires_grad_(True)
+            trainer.fit(module, datamodule=dm)
         deltas = diff_from(model, originals)
     finally:
-        quiet.__exit__(None, None, None)
-        if next(model.parameters()).device != device:
-            model.to(device)
         revert_deltas(model, originals)
         for n, p in model.named_parameters():
             p.requires_grad_(grad_flags.get(n, False))
@@ -383,7 +356,7 @@ def train_main(cfg, run) -> dict:
     to the run's logger (W&B), writes ``results.json`` and ``deltas.safetensors`` to ``run.dir``, and, when
     the environment variable ``MASSEDIT_TRIAL_RESULT`` names a file, the results there too (sweep runner).
     """
-    from massedit.core.io import atomic_write_json, load_json
+    from massedit.core.io import atomic_write_json
     from massedit.core.models import load_model_and_tokenizer
     from massedit.data.requests import load_requests_from_config
 

@@ -13,7 +13,7 @@ Order of sources for each requested layer:
 """
 from __future__ import annotations
 
-from massedit.lightning_utils import quiet_lightning
+from massedit.lightning_utils import keep_device, quiet_lightning
 
 import logging
 import shutil
@@ -178,7 +178,7 @@ def run_lightning_collection(model: torch.nn.Module, job: CollectionJob, s: Stat
     from massedit.lightning_modules.stats import SecondMomentModule
 
     accelerator, devices, strategy = _lightning_devices(model, s)
-    with quiet_lightning():
+    with quiet_lightning(), keep_device(model):
         trainer = pl.Trainer(
             accelerator=accelerator, devices=devices, strategy=strategy, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, inference_mode=True,
