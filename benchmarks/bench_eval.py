@@ -25,7 +25,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default="../shared/data/counterfact/counterfact_dev.json")
     ap.add_argument("--num-records", type=int, default=200)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=256, help="prompt groups per forward")
+    ap.add_argument("--row-tokens", type=int, default=128, help="tokens per prefix-tree row")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scoring", default="auto", choices=["auto", "packed", "plain"])
     ap.add_argument("--compare-plain", action="store_true")
@@ -44,7 +45,7 @@ def main(argv=None) -> dict:
     model, tok = load_model_and_tokenizer({"name_or_path": args.model, "dtype": args.dtype}, device=args.device)
     reqs = load_requests(args.data, num_edits=args.num_records)
     n_prompts = sum(1 + len(r.paraphrase_prompts) + len(r.neighborhood_prompts) for r in reqs)
-    cfg = {"generation": False, "batch_size": args.batch_size, "scoring": args.scoring}
+    cfg = {"generation": False, "batch_size": args.batch_size, "row_tokens": args.row_tokens, "scoring": args.scoring}
     load0 = os.getloadavg()[0]
     c0, t0 = time.process_time(), time.perf_counter()
     res = evaluate(model, tok, reqs, cfg, stage="pre", trainer_kwargs={"enable_progress_bar": False})
@@ -54,7 +55,7 @@ def main(argv=None) -> dict:
         "packed_sequences": res.info["n_groups"], "scoring": res.info["scoring"], "seconds": round(dt, 2),
         "prompts_per_s": round(n_prompts / dt, 1), "threads": torch.get_num_threads(),
         "process_cpu_seconds": round(cpu, 2),
-        "tokens_forwarded": res.info.get("tokens_forwarded"),
+        "tokens_forwarded": res.info.get("tokens_forwarded"), "tokens_unshared": res.info.get("tokens_unshared"),
         "cpu": platform.processor() or platform.machine(), "device": args.device, "dtype": args.dtype, "load_avg_1min_before": load0,
         "load_avg_1min_after": os.getloadavg()[0], "cpu_count": os.cpu_count(),
         "summary": {k: (None if v is None else round(v, 2)) for k, v in res.summary.items()},

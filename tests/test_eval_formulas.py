@@ -54,7 +54,9 @@ def test_pack_groups_positions_and_branch_scores():
     b = pack_groups([g], pad_id=0, packed=True)
     assert b.input_ids.tolist() == [[1, 2, 3, 7]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3]]
-    assert b.pos.tolist() == [2, 3, 2] and b.target.tolist() == [7, 8, 9] and b.branch.tolist() == [0, 0, 1]
+    # scored tokens A0, A1, B0 -> distinct positions 2, 3 (A0 and B0 are both predicted from the prompt's end)
+    assert b.pos.tolist() == [2, 3] and b.sel.tolist() == [0, 1, 0]
+    assert b.target.tolist() == [7, 8, 9] and b.branch.tolist() == [0, 0, 1]
     m = b.attention_mask[0, 0]
     assert m[3].tolist() == [True, True, True, True]  # branch token sees prompt + itself
     # a second branch with inputs must not see the first branch
@@ -64,18 +66,33 @@ def test_pack_groups_positions_and_branch_scores():
     assert pack_groups([g2], 0).position_ids.tolist() == [[0, 1, 2, 2]]
     # plain mode: one row per branch
     assert pack_groups([g], 0, packed=False).input_ids.tolist() == [[1, 2, 3, 7], [1, 2, 3, 0]]
-    # scores: rows of logits at the 3 scored positions, vocab 10
-    probs = torch.full((3, 10), 0.05)
-    probs[0, 7], probs[0, 1] = 0.5, 0.05 + 0.0  # row sums to 0.95 before renormalisation below
-    probs[1, 8] = 0.2
-    probs[2, 9] = 0.6
+    # scores: logits at the 2 distinct positions, vocab 10
+    probs = torch.full((2, 10), 0.05)
+    probs[0, 7], probs[0, 9] = 0.4, 0.3   # position 2: predicts A's first token (7) and B's only token (9)
+    probs[1, 8] = 0.2                      # position 3: A's second token (8)
     probs = probs / probs.sum(1, keepdim=True)
     s = branch_scores(torch.log(probs), b)
     expect_a = -(math.log(probs[0, 7]) + math.log(probs[1, 8])) / 2
     assert s["nll"][0].item() == pytest.approx(expect_a, rel=1e-6)
-    assert s["nll"][1].item() == pytest.approx(-math.log(probs[2, 9]), rel=1e-6)
-    # argmax: row0 -> 7 (ok), row1 -> 8 (0.2 > 0.05: ok), row2 -> 9 (ok)
-    assert s["all_correct"].tolist() == [1.0, 1.0] and s["n_correct"].tolist() == [2.0, 1.0] and s["n_tok"].tolist() == [2.0, 1.0]
+    assert s["nll"][1].item() == pytest.approx(-math.log(probs[0, 9]), rel=1e-6)
+    # argmax: position 2 -> 7 (A ok, B wrong), position 3 -> 8 (ok)
+    assert s["all_correct"].tolist() == [1.0, 0.0] and s["n_correct"].tolist() == [2.0, 0.0] and s["n_tok"].tolist() == [2.0, 1.0]
+
+
+def test_prefix_tree_shares_prefixes_across_prompts_and_splits_rows():
+    ga = Group(prompt=(1, 2, 3), branches=[Branch((), (9,), [(0, 0, 0, 0)])])
+    gb = Group(prompt=(1, 2, 4, 5), branches=[Branch((6,), (6, 7), [(1, 0, 0, 0)])])
+    b = pack_groups([ga, gb], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5, 6]]          # "1 2" computed once for both prompts
+    assert b.position_ids.tolist() == [[0, 1, 2, 2, 3, 4]]
+    m = b.attention_mask[0, 0].int().tolist()
+    assert m[3] == [1, 1, 0, 1, 0, 0] and m[5] == [1, 1, 0, 1, 1, 1]  # node "4" never sees the other prompt's "3"
+    assert [(r, p) for r, p in zip(b.row.tolist(), b.pos.tolist())] == [(0, 2), (0, 4), (0, 5)]
+    # a row budget of 4 tokens: the second sequence starts a new row (its prefix is recomputed there)
+    b4 = pack_groups([ga, gb], pad_id=0, row_tokens=4)
+    assert b4.input_ids.tolist() == [[1, 2, 3, 0, 0], [1, 2, 4, 5, 6]]
+    assert b4.attention_mask[0, 0, 3].int().tolist() == [0, 0, 0, 1, 0]  # padding sees itself only
+    assert [(r, p) for r, p in zip(b4.row.tolist(), b4.pos.tolist())] == [(0, 2), (1, 3), (1, 4)]
 
 
 def test_counterfact_case_metrics_hand_example():

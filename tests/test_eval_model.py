@@ -44,11 +44,14 @@ def _direct_nll(model, tok, prompt, target):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # byte-level BPE and SentencePiece-with-BOS tokenizers
-@pytest.mark.parametrize("scoring", ["auto", "plain"])
-def test_counterfact_probabilities_match_direct_computation(family, scoring):
+@pytest.mark.parametrize("scoring,row_tokens", [("auto", 128), ("auto", 12), ("plain", 128)])
+def test_counterfact_probabilities_match_direct_computation(family, scoring, row_tokens):
+    """Every per-prompt NLL equals a direct one-sequence forward: prefix-tree rows (shared prefixes across prompts,
+    e.g. "The mother tongue of"; rows split at a 12-token budget) and the plain one-row-per-branch path."""
     model, tok = tiny_model(family, seed=1)
     reqs = _cf_requests()
-    res = evaluate(model, tok, reqs, {"generation": False, "scoring": scoring, "batch_size": 3}, stage="pre", trainer_kwargs=QUIET)
+    res = evaluate(model, tok, reqs, {"generation": False, "scoring": scoring, "batch_size": 3, "row_tokens": row_tokens},
+                   stage="pre", trainer_kwargs=QUIET)
     assert res.kind == "counterfact" and res.n_cases == 2
     if scoring == "auto":
         assert res.info["scoring"]["packed"] is True

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 EVAL_DEFAULTS: dict[str, Any] = {
     "dataset": "auto",            # counterfact | zsre | auto
-    "batch_size": 32,             # packed sequences (prompt groups) per forward
+    "batch_size": 256,            # prompt groups per forward (packed into prefix-tree rows)
+    "row_tokens": 128,            # nodes per prefix-tree row (longer single sequences get their own row)
     "generation": True,           # fluency / consistency (CounterFact only)
     "generation_every_k": 10,     # reference generation_test_interval (1 = every case)
     "max_gen_len": 100,           # tokens, prompt included (reference max_out_len)
@@ -135,7 +136,8 @@ def evaluate(model, tok, requests: Sequence[Any], eval_cfg=None, *, stage: str =
     dm = EvaluationDataModule(tok, requests, kind, batch_size=cfg["batch_size"], generation=cfg["generation"],
                               generation_every_k=cfg["generation_every_k"], teacher_forcing=cfg["teacher_forcing"])
     module = EvaluationModule(model, tok, requests, kind=kind, seed=cfg["seed"], top_k=cfg["top_k"],
-                              max_gen_len=cfg["max_gen_len"], consistency_scorer=scorer, scoring_mode=cfg["scoring"])
+                              max_gen_len=cfg["max_gen_len"], consistency_scorer=scorer, scoring_mode=cfg["scoring"],
+                              row_tokens=cfg["row_tokens"])
     kw = default_trainer_kwargs(model)
     kw.update(_normalise_trainer_kwargs(trainer_kwargs))
     was_training = model.training
@@ -155,7 +157,8 @@ def evaluate(model, tok, requests: Sequence[Any], eval_cfg=None, *, stage: str =
         "seconds": round(seconds, 3),
         "n_groups": len(dm.groups or []),
         "n_branches": sum(len(g.branches) for g in dm.groups or []),
-        "tokens_forwarded": sum(g.length for g in dm.groups or []),
+        "tokens_forwarded": module.tokens_forwarded,  # token slots incl. padding, after prefix sharing
+        "tokens_unshared": sum(len(g.prompt) + sum(len(b.inputs) for b in g.branches) for g in dm.groups or []),
         "n_generation_cases": len(dm.gen_items),
         "scoring": {"packed": module._mode[0], "head_only_selected": module._mode[1]} if module._mode else None,
         "teacher_forcing": cfg["teacher_forcing"],

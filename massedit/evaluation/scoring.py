@@ -17,6 +17,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from massedit.core.tokenization import encode, target_token_ids, uses_dummy_prefix
@@ -68,8 +69,9 @@ class GroupBuilder:
         br.owners.append(owner)
 
     def build(self) -> list[Group]:
-        """Groups sorted by packed length (little padding per batch), deterministic order."""
-        return sorted(self.groups.values(), key=lambda g: (g.length, g.prompt))
+        """Groups in lexicographic order of their prompt ids: prompts sharing a prefix land in the same batch,
+        where :func:`pack_prefix_tree` computes the shared prefix once. Deterministic."""
+        return sorted(self.groups.values(), key=lambda g: g.prompt)
 
 
 # ------------------------------------------------------------------------------------------ branch builders
@@ -120,85 +122,127 @@ def zsre_branch(tok, prompt: str, target: str) -> tuple[list[int], list[int], li
 # ------------------------------------------------------------------------------------------ packing
 @dataclass
 class PackedBatch:
+    """A batch ready for one forward. Scored positions are de-duplicated (``row``/``pos``, ``[U]``: the new and
+    the true target of a prompt are both predicted first from the prompt's last token); each scored token
+    (``[N]``) points at its position through ``sel`` and carries its expected id and branch."""
+
     input_ids: torch.Tensor        # [R, L]
     position_ids: torch.Tensor     # [R, L]
-    attention_mask: torch.Tensor   # [R, 1, L, L] additive (0 / min) or [R, L] plain mask when unpacked
-    row: torch.Tensor              # [N] row of each scored position
-    pos: torch.Tensor              # [N] its index in the row
+    attention_mask: torch.Tensor   # [R, 1, L, L] bool (packed: prefix tree) or [R, L] plain padding mask
+    row: torch.Tensor              # [U] row of each distinct scored position
+    pos: torch.Tensor              # [U] its index in the row
+    sel: torch.Tensor              # [N] scored token -> distinct position
     target: torch.Tensor           # [N] expected token
-    branch: torch.Tensor           # [N] branch index (into ``owners``) of each scored position
+    branch: torch.Tensor           # [N] branch index (into ``owners``) of each scored token
     owners: list[list[tuple[int, int, int, int]]]  # per branch
     packed: bool
 
     def to(self, device):
-        for k in ("input_ids", "position_ids", "attention_mask", "row", "pos", "target", "branch"):
+        for k in ("input_ids", "position_ids", "attention_mask", "row", "pos", "sel", "target", "branch"):
             setattr(self, k, getattr(self, k).to(device))
         return self
 
+    @property
+    def n_tokens(self) -> int:
+        """Token slots forwarded (padding included)."""
+        return int(self.input_ids.numel())
 
-def pack_groups(groups: Sequence[Group], pad_id: int, packed: bool = True) -> PackedBatch:
-    """Collate groups into one right-padded batch (packed: one row per group; else one row per branch)."""
-    rows: list[list[int]] = []
-    positions: list[list[int]] = []
-    segs: list[list[tuple[int, int]]] = []  # per row: (start, end) of each branch segment
-    row_idx, pos_idx, tgt, br_idx, owners = [], [], [], [], []
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def pack_prefix_tree(groups: Sequence[Group], row_tokens: int = 128):
+    """Lay out every branch sequence ``P + B`` of ``groups`` as root-to-node paths of token prefix trees, one
+    tree per row of at most ``row_tokens`` nodes (longer single sequences get a row of their own).
+
+    Sequences are visited in lexicographic order, so each one shares its longest common prefix with the previous
+    sequence of the same row — across prompts too (a shared BOS and template start, "The mother tongue of ...").
+    Returns per row ``(tokens, depths, parents)`` in depth-first order and, per branch (in group order),
+    ``(row, node indices of its scored positions)``: the last ``len(targets)`` nodes of its path.
+    """
+    seqs = []
     for g in groups:
-        units = [g.branches] if packed else [[b] for b in g.branches]
-        for branches in units:
-            r = len(rows)
-            ids = list(g.prompt)
-            pids = list(range(len(g.prompt)))
-            seg = []
-            lp = len(g.prompt)
-            for b in branches:
-                start = len(ids)
-                ids.extend(b.inputs)
-                pids.extend(range(lp, lp + len(b.inputs)))
-                seg.append((start, len(ids)))
-                bi = len(owners)
-                owners.append(b.owners)
-                for j, t in enumerate(b.targets):
-                    row_idx.append(r)
-                    pos_idx.append(lp - 1 if j == 0 else start + j - 1)
-                    tgt.append(t)
-                    br_idx.append(bi)
-            rows.append(ids)
-            positions.append(pids)
-            segs.append(seg)
-    L = max(len(r) for r in rows)
-    R = len(rows)
+        for b in g.branches:
+            seqs.append((tuple(g.prompt) + tuple(b.inputs), len(seqs), len(b.targets)))
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    scored: list[tuple[int, list[int]]] = [None] * len(seqs)  # type: ignore[list-item]
+    prev: tuple[int, ...] = ()
+    stack: list[int] = []
+    for seq, bi, n_targets in sorted(seqs):
+        shared = _common_prefix(prev, seq) if rows else 0
+        if not rows or len(rows[-1][0]) + len(seq) - shared > row_tokens:
+            rows.append(([], [], []))
+            stack, shared = [], 0
+        tokens, depths, parents = rows[-1]
+        del stack[shared:]
+        for d in range(shared, len(seq)):
+            stack.append(len(tokens))
+            tokens.append(seq[d])
+            depths.append(d)
+            parents.append(stack[d - 1] if d > 0 else -1)
+        scored[bi] = (len(rows) - 1, stack[len(seq) - n_targets : len(seq)])
+        prev = seq
+    return rows, scored
+
+
+def pack_groups(groups: Sequence[Group], pad_id: int, packed: bool = True, row_tokens: int = 128) -> PackedBatch:
+    """Collate groups into one right-padded batch.
+
+    ``packed``: prefix-tree rows (:func:`pack_prefix_tree`) with a 4-D mask letting every node attend to its
+    ancestors and itself, and position ids = depth — exactly the logits of each sequence forwarded alone, with
+    every shared prefix computed once. Else one padded row per branch (the plain fallback).
+    """
+    owners = [b.owners for g in groups for b in g.branches]
+    targets = [b.targets for g in groups for b in g.branches]
+    if packed:
+        rows, scored = pack_prefix_tree(groups, row_tokens)
+    else:
+        rows, scored = [], []
+        for g in groups:
+            for b in g.branches:
+                seq = tuple(g.prompt) + tuple(b.inputs)
+                rows.append((list(seq), list(range(len(seq))), [i - 1 for i in range(len(seq))]))
+                scored.append((len(rows) - 1, list(range(len(seq) - len(b.targets), len(seq)))))
+    R, L = len(rows), max(len(r[0]) for r in rows)
     input_ids = torch.full((R, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, L), dtype=torch.long)
     if packed:
-        allow = torch.zeros((R, L, L), dtype=torch.bool)
+        allow = np.zeros((R, L, L), dtype=bool)
+        idx = np.arange(L)
+        allow[:, idx, idx] = True  # every node (and padding) sees itself
     else:
         mask2d = torch.zeros((R, L), dtype=torch.long)
-    for r, (ids, pids) in enumerate(zip(rows, positions)):
-        n = len(ids)
-        input_ids[r, :n] = torch.tensor(ids)
-        position_ids[r, :n] = torch.tensor(pids)
-        position_ids[r, n:] = torch.arange(pids[-1] + 1, pids[-1] + 1 + L - n) if L > n else position_ids[r, n:]
+    for r, (tokens, depths, parents) in enumerate(rows):
+        n = len(tokens)
+        input_ids[r, :n] = torch.tensor(tokens)
+        position_ids[r, :n] = torch.tensor(depths)
         if packed:
-            lp = n - sum(e - s for s, e in segs[r])
-            causal = torch.ones((L, L), dtype=torch.bool).tril()
-            allow[r, :lp, :lp] = causal[:lp, :lp]
-            for s, e in segs[r]:
-                allow[r, s:e, :lp] = True
-                allow[r, s:e, s:e] = causal[: e - s, : e - s]
-            idx = torch.arange(n, L)
-            allow[r, idx, idx] = True  # padding attends to itself only (never attended to)
+            a = allow[r]
+            for i, p in enumerate(parents):
+                if p >= 0:
+                    a[i, :i] = a[p, :i]  # ancestors of the parent (depth-first order: all before i)
         else:
             mask2d[r, :n] = 1
+    uniq: dict[tuple[int, int], int] = {}
+    sel, tgt, br = [], [], []
+    for bi, ((r, nodes), ys) in enumerate(zip(scored, targets)):
+        for node, y in zip(nodes, ys):
+            sel.append(uniq.setdefault((r, node), len(uniq)))
+            tgt.append(y)
+            br.append(bi)
+    rp = torch.tensor(list(uniq), dtype=torch.long).view(-1, 2)
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=allow.unsqueeze(1) if packed else mask2d,
-        row=torch.tensor(row_idx),
-        pos=torch.tensor(pos_idx),
-        target=torch.tensor(tgt),
-        branch=torch.tensor(br_idx),
-        owners=owners,
-        packed=packed,
+        attention_mask=torch.from_numpy(allow).unsqueeze(1) if packed else mask2d,
+        row=rp[:, 0], pos=rp[:, 1], sel=torch.tensor(sel), target=torch.tensor(tgt), branch=torch.tensor(br),
+        owners=owners, packed=packed,
     )
 
 
@@ -207,7 +251,7 @@ def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def selected_logits(model, batch: PackedBatch, head_only_selected: bool = True) -> torch.Tensor:
-    """Logits [N, V] at the scored positions of a packed (or plain) batch."""
+    """Logits ``[U, V]`` at the distinct scored positions of a packed (or plain) batch."""
     mask = batch.attention_mask
     if batch.packed:
         dtype = next(model.parameters()).dtype
@@ -223,10 +267,11 @@ def selected_logits(model, batch: PackedBatch, head_only_selected: bool = True) 
 
 
 def branch_scores(logits: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
-    """Per branch: mean per-token NLL (§4.3), all-tokens-argmax-correct flag, #correct tokens and #tokens (§4.5)."""
+    """Per branch: mean per-token NLL (§4.3), all-tokens-argmax-correct flag, #correct tokens and #tokens (§4.5).
+    ``logits``: ``[U, V]`` at the batch's distinct scored positions."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    tok_nll = -logp.gather(1, batch.target.view(-1, 1)).squeeze(1).double()
-    tok_ok = (logits.argmax(-1) == batch.target).double()
+    tok_nll = -logp[batch.sel, batch.target].double()
+    tok_ok = (logits.argmax(-1)[batch.sel] == batch.target).double()
     nb = len(batch.owners)
     n_tok = torch.zeros(nb, dtype=torch.float64, device=logits.device).index_add_(0, batch.branch, torch.ones_like(tok_nll))
     nll_sum = torch.zeros_like(n_tok).index_add_(0, batch.branch, tok_nll)
@@ -243,18 +288,15 @@ def choose_scoring_mode(model, groups: Sequence[Group], pad_id: int, atol: float
     key = model
     if key in _CHECKED:
         return _CHECKED[key]
-    sample = [g for g in groups if len(g.branches) > 1][:2] or list(groups[:2])
+    sample = list(groups[:6])  # neighbours in lexicographic order: they share prefixes across prompts
     device = next(model.parameters()).device
     ref_b = pack_groups(sample, pad_id, packed=False).to(device)
-    ref = selected_logits(model, ref_b, head_only_selected=False)
-    ref_map = {}
-    for i, b in enumerate(ref_b.branch.tolist()):
-        ref_map.setdefault(b, []).append(ref[i])
+    ref = selected_logits(model, ref_b, head_only_selected=False)[ref_b.sel]  # per scored token
     result = (False, False)
     for packed, head in ((True, True), (False, True)):
         try:
             b = pack_groups(sample, pad_id, packed=packed).to(device)
-            got = selected_logits(model, b, head_only_selected=head)
+            got = selected_logits(model, b, head_only_selected=head)[b.sel]
         except Exception as e:  # a model without position_ids / 4-D mask support
             log.info("scoring mode packed=%s head_only=%s unavailable: %s", packed, head, e)
             continue

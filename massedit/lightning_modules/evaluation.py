@@ -28,7 +28,7 @@ def case_seed(seed: int, case_id) -> int:
 
 class EvaluationModule(pl.LightningModule):
     def __init__(self, model, tok, requests, *, kind: str, seed: int = 0, top_k: int = 5, max_gen_len: int = 100,
-                 consistency_scorer=None, scoring_mode: str = "auto"):
+                 consistency_scorer=None, scoring_mode: str = "auto", row_tokens: int = 128):
         super().__init__()
         self.model = model
         self.tok = tok
@@ -37,6 +37,8 @@ class EvaluationModule(pl.LightningModule):
         self.seed, self.top_k, self.max_gen_len = int(seed), int(top_k), int(max_gen_len)
         self.consistency_scorer = consistency_scorer
         self.scoring_mode = scoring_mode
+        self.row_tokens = int(row_tokens)
+        self.tokens_forwarded = 0
         self._mode: tuple[bool, bool] | None = None
         self.prompt_scores = PromptScoreMetric()
         self.generation = GenerationMetric()
@@ -63,7 +65,8 @@ class EvaluationModule(pl.LightningModule):
 
     def _score(self, groups) -> None:
         packed, head_only = self._scoring_mode(groups)
-        b = pack_groups(groups, self.tok.pad_token_id, packed=packed).to(self.device)
+        b = pack_groups(groups, self.tok.pad_token_id, packed=packed, row_tokens=self.row_tokens).to(self.device)
+        self.tokens_forwarded += b.n_tokens
         s = branch_scores(selected_logits(self.model, b, head_only_selected=head_only), b)
         keys, vals = [], []
         for bi, owners in enumerate(b.owners):
