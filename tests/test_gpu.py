@@ -16,23 +16,16 @@ import torch
 
 from massedit.core.deltas import deltas_applied
 from massedit.core.tokenization import target_token_ids
-from massedit.data.requests import EditRequest
 from massedit.editing.hparams import EditHparams
 from massedit.editing.memit import MemitEditor
 from massedit.editing.rome import RomeEditor
 from massedit.editing.romemit_common import corpus_second_moments
-from massedit.testing import _CORPUS, FAMILIES, tiny_model
+from massedit.testing import FAMILIES, tiny_model
+from test_memit_tiny import GROUPS, REQS, TEXTS  # the tiny-model edit requests (subject at the prompt end)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TEXTS = [s.strip() + "." for s in _CORPUS.split(".") if s.strip()]
-GROUPS = [["{}"], ["The city. {}", "I think that. {}"]]
-REQS = [
-    EditRequest(case_id=1, subject="Japan", prompt="The capital of {}", target_new="Rome", target_true="Tokyo"),
-    EditRequest(case_id=2, subject="Michael Jordan", prompt="The sport of {}", target_new="guitar", target_true="basketball"),
-    EditRequest(case_id=3, subject="Apple A5", prompt="The maker of {}", target_new="BMW", target_true="Apple"),
-]
 QUIET = {"enable_progress_bar": False}
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from massedit.datamodules.corpus import CorpusSpec
+
 ACC_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
               "double": torch.float64}
 
@@ -16,17 +18,9 @@ class StatsConfigError(ValueError):
 
 
 @dataclass
-class StatsConfig:
-    # corpus (massedit.datamodules.corpus)
+class StatsConfig(CorpusSpec):
+    # corpus: the fields of massedit.datamodules.corpus.CorpusSpec (format, packing, chunk_chars, ...), one source
     corpus: Any = "../shared/data/text/wikitext-2"
-    format: str = "auto"
-    packing: str = "auto"
-    chunk_chars: int = 2500
-    unescape: bool = True
-    text_field: str = "text"
-    hf_split: str = "train"
-    revision: str | None = None
-    ds_name: str | None = None
     # sample
     n_samples: int | None = None
     n_tokens: int | None = 100_000
