@@ -158,7 +158,7 @@ def evaluate(model, tok, requests: Sequence[Any], eval_cfg=None, *, stage: str =
         "n_groups": len(dm.groups or []),
         "n_branches": sum(len(g.branches) for g in dm.groups or []),
         "tokens_forwarded": module.tokens_forwarded,  # token slots incl. padding, after prefix sharing
-        "tokens_unshared": sum(len(g.prompt) + sum(len(b.inputs) for b in g.branches) for g in dm.groups or []),
+        "tokens_unshared": sum(g.length for g in dm.groups or []),  # each prompt once + its continuations
         "n_generation_cases": len(dm.gen_items),
         "scoring": {"packed": module._mode[0], "head_only_selected": module._mode[1]} if module._mode else None,
         "teacher_forcing": cfg["teacher_forcing"],

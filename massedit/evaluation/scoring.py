@@ -2,13 +2,13 @@
 
 Each "branch" is one (prompt, target) pair: the prompt's token ids ``P`` (as the model sees them, BOS included),
 the target tokens fed after it ``B`` and the target ids ``y`` to score (``len(B) = len(y) - 1``): token ``y_j`` is
-predicted from the logits at position ``len(P) - 1 + j``. Branches with the same prompt ids form a *group*; a
-group is packed into ONE sequence ``P + B_1 + B_2 + ...`` whose branch tokens get the position ids
-``len(P), len(P)+1, ...`` and a 4-D attention mask letting each branch see the prompt and itself only — exactly
-the logits of separate sequences ``P + B_i``, with the prompt computed once (the new and the true target of a
-CounterFact prompt share it). Only the positions that predict a target go through the output head.
-A one-off self-check per model compares this against a plain forward; if it disagrees (a model that ignores
-custom 4-D masks or position ids), scoring falls back to one padded row per branch.
+predicted from the logits at position ``len(P) - 1 + j``. Branches with the same prompt ids form a *group*. A batch
+of groups is laid out as token prefix trees (:func:`pack_prefix_tree`): every sequence ``P + B`` is a root-to-node
+path, nodes get their depth as position id, and a 4-D attention mask lets each node see its ancestors only —
+exactly the logits of separate sequences, with every shared prefix computed once (the prompt shared by the new and
+the true target of a CounterFact prompt, and common starts across prompts). Only the distinct scored positions go
+through the output head. A one-off self-check per model compares this against a plain forward; if it disagrees (a
+model that ignores custom 4-D masks or position ids), scoring falls back to one padded row per branch.
 """
 from __future__ import annotations
 
