@@ -20,7 +20,6 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from massedit.lightning_utils import keep_device, quiet_lightning
 from massedit.core.deltas import apply_deltas, delta_norms, diff_from, revert_deltas, save_deltas
 from massedit.editing.ft import (
     FTConfigError,
@@ -31,6 +30,7 @@ from massedit.editing.ft import (
     project_to_linf_ball_,
     select_ft_parameters,
 )
+from massedit.lightning_utils import keep_device, quiet_lightning
 
 log = logging.getLogger(__name__)
 
