@@ -1,12 +1,15 @@
 """Tiny random-weight models and tokenizers of every supported family, built offline from configs.
 
-Used by the test-suite and benchmarks; no downloads. ``tiny_model(family)`` returns ``(model, tok)``
+Used by the test-suite and benchmarks; no downloads. Also small in-memory statistics providers for tests
+(:func:`corpus_second_moments`, :func:`reference_stats_provider`). ``tiny_model(family)`` returns ``(model, tok)``
 with a byte-level BPE tokenizer (GPT-2 style) or, for ``llama`` with ``sentencepiece=True``, a
 SentencePiece-style (Metaspace, BOS-adding) tokenizer like Llama-2's.
 """
 from __future__ import annotations
 
 import functools
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -98,3 +101,59 @@ def tiny_model(family: str = "gpt2", *, seed: int = 0, tokenizer: str | None = N
     model = AutoModelForCausalLM.from_config(config)
     model.to(dtype).eval().requires_grad_(False)
     return model, tok
+
+
+# ------------------------------------------------------------------------------------- statistics for tests
+@torch.no_grad()
+def corpus_second_moments(model, tok, layers: Sequence[int], texts: Sequence[str], max_length: int = 256,
+                          batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """``C_l = (1/N) Σ_t k_t k_tᵀ`` over every non-padding token of ``texts`` (REFERENCE_SPEC §0.6), float32.
+
+    A small in-memory version of the statistics for tests and tiny models; real runs use
+    :mod:`massedit.stats` (cached, large corpora).
+    """
+    from massedit.core.adapters import get_adapter
+    from massedit.core.nethook import TraceDict
+    from massedit.core.tokenization import tokenize_batch
+
+    adapter = get_adapter(model)
+    names = {adapter.rewrite_name(l): int(l) for l in layers}
+    device = next(model.parameters()).device
+    m = adapter.mlp_inner_size
+    acc = {l: torch.zeros(m, m, dtype=torch.float64, device=device) for l in names.values()}
+    n = 0
+    for s in range(0, len(texts), batch_size):
+        enc = tokenize_batch(tok, texts[s : s + batch_size], device=device, max_length=max_length)
+        mask = enc["attention_mask"].bool()
+        with TraceDict(model, list(names), retain_input=True, retain_output=False, stop=True) as td:
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])  # as layer_stats: no token types
+        for name, l in names.items():
+            k = td[name].input[mask].double()
+            acc[l] += k.T @ k
+        n += int(mask.sum())
+    return {l: (a / n).float().cpu() for l, a in acc.items()}
+
+
+def corpus_stats_provider(texts: Sequence[str], max_length: int = 256):
+    """A provider computing C from ``texts`` on the model it is given (unedited at call time)."""
+    return lambda model, tok, layers: corpus_second_moments(model, tok, layers, texts, max_length)
+
+
+def reference_stats_provider(root):
+    """A stats provider reading C from reference-layout npz files below ``root`` (the shared fixtures)."""
+    from massedit.core.adapters import get_adapter
+    from massedit.stats.reference import find_reference_stats, load_reference_second_moment
+
+    root = Path(root)
+
+    def provide(model, tok, layers):
+        adapter = get_adapter(model)
+        out = {}
+        for layer in layers:
+            path = find_reference_stats(root, adapter.rewrite_name(layer))
+            if path is None:
+                raise FileNotFoundError(f"no reference statistics for {adapter.rewrite_name(layer)} below {root}")
+            out[int(layer)] = load_reference_second_moment(path)
+        return out
+
+    return provide

@@ -12,7 +12,8 @@ import torch
 
 from massedit.core.deltas import deltas_applied, load_deltas, save_deltas
 from massedit.data.requests import load_requests
-from massedit.evaluation import evaluate, write_report
+from massedit.evaluation.report import write_report
+from massedit.tasks.evaluate import evaluate
 from massedit.testing import tiny_model
 
 from test_eval_model import QUIET, _cf_requests
@@ -48,7 +49,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
     torch.manual_seed(0)
     save_deltas(tmp_path / "d.safetensors", {name: torch.randn_like(dict(model.named_parameters())[name]) * 0.5})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "massedit.evaluation", f"model.name_or_path={tmp_path / 'm'}", f"data.path={tmp_path / 'r.json'}",
+    cmd = [sys.executable, "-m", "massedit", "eval", "model=hf", f"model.name_or_path={tmp_path / 'm'}", f"data.path={tmp_path / 'r.json'}",
            "data=counterfact", "data.format=user", "data.num_edits=null", "logger=none", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
            "trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'out'}", f"deltas={tmp_path / 'd.safetensors'}",
            "eval.batch_size=2", "eval.generation=false"]
@@ -59,9 +60,9 @@ def test_ddp_two_processes_equal_one(tmp_path):
     # the same in this process (1 device)
     reqs = load_requests(tmp_path / "r.json", fmt="user")
     cfg = {"batch_size": 2, "generation": False}
-    pre = evaluate(model, tok, reqs, cfg, stage="pre", trainer_kwargs=QUIET)
+    pre = evaluate(model, tok, reqs, cfg, stage="pre", trainer_cfg=QUIET)
     with deltas_applied(model, load_deltas(tmp_path / "d.safetensors")):
-        post = evaluate(model, tok, reqs, cfg, stage="post", trainer_kwargs=QUIET)
+        post = evaluate(model, tok, reqs, cfg, stage="post", trainer_cfg=QUIET)
     write_report(pre, post, tmp_path / "one")
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     # identical up to float rounding (this process may use another thread count than the DDP workers)
@@ -86,14 +87,14 @@ def test_ddp_generation_texts_gathered(tmp_path):
              "generation_prompts": r.generation_prompts} for r in _cf_requests()]
     (tmp_path / "r.json").write_text(json.dumps(rows))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    common = [sys.executable, "-m", "massedit.evaluation", f"model.name_or_path={tmp_path / 'm'}", f"data.path={tmp_path / 'r.json'}",
+    common = [sys.executable, "-m", "massedit", "eval", "model=hf", f"model.name_or_path={tmp_path / 'm'}", f"data.path={tmp_path / 'r.json'}",
               "data=counterfact", "data.num_edits=null", "logger=none", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
               "eval.generation_every_k=1", "eval.max_gen_len=20"]
     p = subprocess.run(common + ["trainer.devices=2", "trainer.strategy=ddp", f"output_dir={tmp_path / 'ddp'}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     reqs = load_requests(tmp_path / "r.json")
-    one = evaluate(model, tok, reqs, {"generation_every_k": 1, "max_gen_len": 20}, stage="pre", trainer_kwargs=QUIET)
+    one = evaluate(model, tok, reqs, {"generation_every_k": 1, "max_gen_len": 20}, stage="pre", trainer_cfg=QUIET)
     b = [json.loads(x)["pre"] for x in (tmp_path / "ddp" / "per_case.jsonl").read_text().splitlines()]
     assert [c["generations"] for c in b] == [c["generations"] for c in one.per_case]
     assert [c["fluency"] for c in b] == pytest.approx([c["fluency"] for c in one.per_case])

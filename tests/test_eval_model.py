@@ -10,11 +10,13 @@ import torch
 
 from massedit.core.tokenization import encode, target_token_ids
 from massedit.data.requests import EditRequest, load_requests
-from massedit.evaluation import evaluate, write_report
-from massedit.evaluation.sampler import generate_fast
+from massedit.evaluation.report import write_report
+from massedit.tasks.evaluate import evaluate
+from massedit.core.sampling import generate_fast
+from massedit.trainer import TrainerConfig
 from massedit.testing import tiny_model
 
-QUIET = {"enable_progress_bar": False}
+QUIET = TrainerConfig(enable_progress_bar=False)
 
 
 def _cf_requests():
@@ -51,7 +53,7 @@ def test_counterfact_probabilities_match_direct_computation(family, scoring, row
     model, tok = tiny_model(family, seed=1)
     reqs = _cf_requests()
     res = evaluate(model, tok, reqs, {"generation": False, "scoring": scoring, "batch_size": 3, "row_tokens": row_tokens},
-                   stage="pre", trainer_kwargs=QUIET)
+                   stage="pre", trainer_cfg=QUIET)
     assert res.kind == "counterfact" and res.n_cases == 2
     if scoring == "auto":
         assert res.info["scoring"]["packed"] is True
@@ -84,7 +86,7 @@ def test_zsre_token_accuracy_matches_direct(family):
     req = EditRequest(case_id=5, subject="UniFirst", prompt="What is the product made by {}?", target_new="uniform Apple",
                       paraphrase_prompts=["Which product does UniFirst make?"], loc="nq question: who sang nice day for a white wedding",
                       loc_ans="Billy Idol")
-    res = evaluate(model, tok, [req], {"dataset": "auto"}, trainer_kwargs=QUIET)
+    res = evaluate(model, tok, [req], {"dataset": "auto"}, trainer_cfg=QUIET)
     assert res.kind == "zsre"
 
     @torch.no_grad()
@@ -122,12 +124,12 @@ def test_generation_metrics_and_report(tmp_path):
     model, tok = tiny_model("gpt2", seed=4)
     reqs = _cf_requests()
     cfg = {"generation": True, "generation_every_k": 10, "max_gen_len": 24, "seed": 3}
-    pre = evaluate(model, tok, reqs, cfg, stage="pre", trainer_kwargs=QUIET)
+    pre = evaluate(model, tok, reqs, cfg, stage="pre", trainer_cfg=QUIET)
     # case 0 and case 10 are multiples of 10 -> both generated
     assert pre.info["n_generation_cases"] == 2
     assert all(c["fluency"] is not None and len(c["generations"]) == len(r.generation_prompts) for c, r in zip(pre.per_case, reqs))
     assert pre.summary["fluency"] > 0 and pre.summary["consistency"] is None
-    again = evaluate(model, tok, reqs, cfg, stage="post", trainer_kwargs=QUIET)
+    again = evaluate(model, tok, reqs, cfg, stage="post", trainer_cfg=QUIET)
     assert again.per_case[0]["generations"] == pre.per_case[0]["generations"]  # seeded
     md = write_report(pre, again, tmp_path, title="tiny")
     assert "| Consistency (RS) | not computed | not computed |" in md
@@ -143,16 +145,20 @@ def test_generation_metrics_and_report(tmp_path):
 def test_report_with_csv_and_wandb_loggers(tmp_path, monkeypatch):
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
+    from massedit.evaluation.report import summary_dict
+    from massedit.tasks.runs import Run
+
     model, tok = tiny_model("gpt2", seed=5)
-    res = evaluate(model, tok, _cf_requests(), {"generation": False}, trainer_kwargs=QUIET)
+    res = evaluate(model, tok, _cf_requests(), {"generation": False}, trainer_cfg=QUIET)
     csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
-    write_report(None, res, tmp_path / "a", logger=csv)
+    write_report(None, res, tmp_path / "a")
+    Run(config=None, dir=tmp_path / "a", logger=csv).log_evaluation(None, res, summary_dict(None, res))
     text = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "eval/post/efficacy_success" in text
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     wb = WandbLogger(project="massedit-test", save_dir=str(tmp_path), mode="offline")
-    write_report(res, res, tmp_path / "b", logger=wb)
+    Run(config=None, dir=tmp_path / "b", logger=wb).log_evaluation(res, res, summary_dict(res, res))
     assert wb.experiment.summary["eval/post/efficacy_success"] == pytest.approx(res.summary["efficacy_success"])
     wb.experiment.finish()
 
@@ -164,14 +170,14 @@ def test_bad_request_names_case():
     bad = EditRequest(case_id=77, subject="X", prompt="{} is", target_new="Y", target_true="Z",
                       neighborhood_prompts=["a", "b"], neighborhood_targets=["c"])
     with pytest.raises(RequestValidationError, match="case_id=77"):
-        evaluate(model, tok, [bad], {"generation": False}, trainer_kwargs=QUIET)
+        evaluate(model, tok, [bad], {"generation": False}, trainer_cfg=QUIET)
 
 
-def test_run_eval_only_with_deltas(tmp_path):
-    from omegaconf import OmegaConf
-
+def test_eval_job_with_deltas(tmp_path):
     from massedit.core.adapters import get_adapter
     from massedit.core.deltas import save_deltas
+    from massedit.tasks.config import compose
+    from massedit.tasks.edit import edit_job
 
     model, tok = tiny_model("gpt2", seed=6)
     model.save_pretrained(tmp_path / "m")
@@ -184,15 +190,10 @@ def test_run_eval_only_with_deltas(tmp_path):
     name = get_adapter(model).rewrite_weight_name(1)
     w = dict(model.named_parameters())[name]
     save_deltas(tmp_path / "d.safetensors", {name: torch.randn_like(w) * 0.5})
-    cfg = OmegaConf.create({
-        "model": {"name_or_path": str(tmp_path / "m"), "dtype": "float32"},
-        "data": {"path": str(tmp_path / "r.json"), "format": "user", "num_edits": None, "offset": 0},
-        "eval": {"generation": False}, "deltas": str(tmp_path / "d.safetensors"), "output_dir": str(tmp_path / "out"),
-        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "enable_progress_bar": False},
-    })
-    from massedit.evaluation import run_eval_only
-
-    out = run_eval_only(cfg)
+    job = compose("eval", ["model=hf", f"model.name_or_path={tmp_path / 'm'}", "data=user", f"data.path={tmp_path / 'r.json'}",
+                           "eval.generation=false", f"deltas={tmp_path / 'd.safetensors'}", f"output_dir={tmp_path / 'out'}",
+                           "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=none"])
+    out = edit_job(job)
     pre, post = out["pre"], out["post"]
     assert pre.stage == "pre" and post.stage == "post"
     assert pre.per_case[0]["rewrite"][0]["nll_new"] != pytest.approx(post.per_case[0]["rewrite"][0]["nll_new"], abs=1e-6)
@@ -211,7 +212,7 @@ def test_tiny_gpt2_fixture_pre_nlls(shared_dir):
     model = AutoModelForCausalLM.from_pretrained(fx, dtype=torch.float32).eval()
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(fx))
     reqs = load_requests(fx / "requests.json")
-    res = evaluate(model, tok, reqs, {"generation": False}, trainer_kwargs=QUIET)
+    res = evaluate(model, tok, reqs, {"generation": False}, trainer_cfg=QUIET)
     _compare_to_reference(res, metrics["per_request_pre"], metrics["pre"], atol=1e-4)
 
 
@@ -239,11 +240,11 @@ def test_consistency_computed_only_with_snippets(tmp_path):
                 {"relation_id": "P176", "target_id": "Q1", "samples": [{"name": "C", "text": "unrelated"}]}]
     (tmp_path / "snip.json").write_text(json.dumps(snippets))
     cfg = {"generation_every_k": 1, "max_gen_len": 24, "consistency": {"attribute_snippets": str(tmp_path / "snip.json")}}
-    res = evaluate(model, tok, reqs, cfg, trainer_kwargs=QUIET)
+    res = evaluate(model, tok, reqs, cfg, trainer_cfg=QUIET)
     c0, c1 = res.per_case
     assert c0["consistency"] is not None and 0.0 <= c0["consistency"] <= 1.0
     assert c1["consistency"] is None  # no snippets for (P176, Q312)
     assert res.summary["consistency"] == pytest.approx(100 * c0["consistency"]) and res.n["consistency"] == 1
     assert res.info["consistency"] == "computed"
     with pytest.raises(FileNotFoundError, match="attribute_snippets"):
-        evaluate(model, tok, reqs, {"consistency": {"attribute_snippets": str(tmp_path / "missing.json")}}, trainer_kwargs=QUIET)
+        evaluate(model, tok, reqs, {"consistency": {"attribute_snippets": str(tmp_path / "missing.json")}}, trainer_cfg=QUIET)

@@ -12,19 +12,21 @@ from massedit.core.tokenization import encode, target_token_ids
 from massedit.data.requests import EditRequest, RequestValidationError
 from massedit.editing.ft import (
     AnchoredAdamW,
+    FTConfig,
     FTConfigError,
-    FTEditor,
     autoregressive_target_nll,
     bag_of_tokens_last_position_nll,
     ft_loss,
     make_ft_batch,
-    method_options,
     power_law_weight_decay,
     project_to_linf_ball_,
     select_ft_parameters,
 )
-from massedit.lightning_modules.ftw import counterfact_success_metrics, fit_ft
+from massedit.lightning_modules.ftw import FTEditor, fit_ft
 from massedit.testing import tiny_model
+from massedit.trainer import TrainerConfig, TrainerConfigError
+
+QUIET = TrainerConfig(enable_progress_bar=False)
 
 torch.set_num_threads(1)
 
@@ -140,18 +142,19 @@ def test_parameter_selection_exact_and_sets():
         select_ft_parameters(llama, layers=[9])
 
 
-def test_method_options_validation_and_power_law():
-    assert method_options({"weight_decay": False})["weight_decay"] == 0.0  # reference JSON writes `false`
+def test_config_validation_and_power_law():
     with pytest.raises(FTConfigError, match="loss"):
-        method_options({"loss": "nope"})
+        FTConfig(loss="nope")
     with pytest.raises(FTConfigError, match="norm_constraint"):
-        method_options({"norm_constraint": -1})
+        FTConfig(norm_constraint=-1)
+    with pytest.raises(FTConfigError, match="weight_decay"):
+        FTConfig(weight_decay=-1)
     assert power_law_weight_decay(10_000) == pytest.approx(3.9e-4, rel=0.03)  # REFERENCE_SPEC §3.2
     from massedit.editing.ft import effective_weight_decay
 
-    opts = method_options({"weight_decay": 0.5, "wd_power_law": [-0.87028798, 0.15589562]})
-    assert effective_weight_decay(opts, 10_000) == pytest.approx(power_law_weight_decay(10_000))
-    assert effective_weight_decay(method_options({"weight_decay": 0.5}), 10_000) == 0.5
+    cfg = FTConfig(weight_decay=0.5, wd_power_law=[-0.87028798, 0.15589562])
+    assert effective_weight_decay(cfg, 10_000) == pytest.approx(power_law_weight_decay(10_000))
+    assert effective_weight_decay(FTConfig(weight_decay=0.5), 10_000) == 0.5
 
 
 def test_anchored_adamw_matches_torch_adamw_and_decays_towards_anchor():
@@ -186,7 +189,7 @@ def test_projection_onto_linf_ball():
 def _train(model, tok, reqs, **kw):
     opts = {"lr": 0.05, "epochs": 15, "layers": [2], "batch_size": 8, "skip_loss_below": 0, "stop_loss_below": 0}
     opts.update(kw)
-    return fit_ft(model, tok, reqs, opts, trainer_cfg={"enable_progress_bar": False})
+    return fit_ft(model, tok, reqs, FTConfig(**opts), trainer_cfg=QUIET)
 
 
 def test_ftl_norm_constraint_holds():
@@ -233,11 +236,11 @@ def test_make_optimizer_variants():
 
     p = {"w": torch.nn.Parameter(torch.ones(2, 2))}
     w0 = {"w": torch.zeros(2, 2)}
-    opt = make_optimizer(p, w0, method_options({"decay_to": "zero"}), 0.3)  # plain decoupled AdamW
+    opt = make_optimizer(p, w0, FTConfig(decay_to="zero"), 0.3)  # plain decoupled AdamW
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.3 and opt._anchors is None
-    opt = make_optimizer(p, w0, method_options({"decay_to": "init"}), 0.3)  # decay of W - W0, decoupled
+    opt = make_optimizer(p, w0, FTConfig(decay_to="init"), 0.3)  # decay of W - W0, decoupled
     assert opt.param_groups[0]["weight_decay"] == 0.0 and opt._anchor_wd == 0.3 and opt._anchors is not None
-    opt = make_optimizer(p, w0, method_options({"optimizer": "adam"}), 0.3)  # reference: coupled L2
+    opt = make_optimizer(p, w0, FTConfig(optimizer="adam"), 0.3)  # reference: coupled L2
     assert type(opt) is torch.optim.Adam and opt.param_groups[0]["weight_decay"] == 0.3
     assert list(opt.param_groups[0]["params"]) == [p["w"]]  # tuned weights only
 
@@ -251,21 +254,22 @@ def test_reference_adam_and_autoregressive_variants_train():
 
 
 def test_editor_leaves_model_as_found_and_returns_deltas():
-    from omegaconf import OmegaConf
+    from massedit.tasks.config import compose
+    from massedit.tasks.methods import build_editor
 
-    from massedit.methods import editor_class
-
-    assert editor_class("ftw") is FTEditor and editor_class("ft") is FTEditor
+    for name in ("ftw", "ft", "ftl"):
+        assert isinstance(build_editor(compose("edit", [f"method={name}"])), FTEditor)
     model, tok = tiny_model("llama")
     model.train()
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)  # an unrelated flag that must survive
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    cfg = OmegaConf.create({"method": {"name": "ftw", "lr": 0.05, "epochs": 5, "layers": [1], "weight_decay": 0.1},
-                            "trainer": {"enable_progress_bar": False, "precision": "32-true"}})
     reqs = _requests()
-    deltas = FTEditor(cfg).edit(model, tok, reqs)
+    editor = FTEditor(FTConfig(lr=0.05, epochs=5, layers=[1], weight_decay=0.1), TrainerConfig(enable_progress_bar=False,
+                                                                                             precision="32-true"))
+    deltas = editor.edit(model, tok, reqs)
     assert list(deltas) == ["model.layers.1.mlp.down_proj.weight"]
+    assert editor.info["n_requests"] == len(reqs) and editor.info["optimizer_steps"] > 0
     after = model.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
@@ -281,23 +285,8 @@ def test_editor_leaves_model_as_found_and_returns_deltas():
 
 def test_true_precision_that_would_convert_the_model_is_refused():
     model, tok = tiny_model("gpt2")
-    with pytest.raises(FTConfigError, match="convert"):
-        fit_ft(model, tok, _requests(), {"epochs": 1, "precision": "bf16-true"}, trainer_cfg={"enable_progress_bar": False})
-
-
-def test_fallback_metrics_are_consistent():
-    model, tok = tiny_model("gpt2")
-    reqs = _requests()
-    m = counterfact_success_metrics(model, tok, reqs, batch_size=3)
-    for k in ("efficacy_success", "paraphrase_success", "neighborhood_success"):
-        assert 0 <= m[k] <= 100
-    trio = [m["efficacy_success"], m["paraphrase_success"], m["neighborhood_success"]]
-    assert m["score"] == pytest.approx(3 / sum(1 / x for x in trio) if min(trio) > 0 else 0.0)
-    # swapping new/true targets flips efficacy: ES(swapped) = 100 - ES (ties aside)
-    swapped = [EditRequest(case_id=r.case_id, subject=r.subject, prompt=r.prompt, target_new=r.target_true,
-                           target_true=r.target_new) for r in reqs]
-    m2 = counterfact_success_metrics(model, tok, swapped)
-    assert m2["efficacy_success"] == pytest.approx(100 - m["efficacy_success"])
+    with pytest.raises(TrainerConfigError, match="convert"):
+        fit_ft(model, tok, _requests(), FTConfig(epochs=1), trainer_cfg=TrainerConfig(precision="bf16-true"))
 
 
 @pytest.mark.slow
@@ -306,8 +295,7 @@ def test_ftw_on_smollm2_makes_edits(smollm2, shared_dir):
 
     model, tok = smollm2
     reqs = load_requests(shared_dir / "data/counterfact/counterfact_dev.json", num_edits=8)
-    res = fit_ft(model, tok, reqs, {"lr": 2e-2, "epochs": 6, "weight_decay": 0.0},
-                 trainer_cfg={"enable_progress_bar": False})
+    res = fit_ft(model, tok, reqs, FTConfig(lr=2e-2, epochs=6, weight_decay=0.0), trainer_cfg=QUIET)
     batch = make_ft_batch(tok, reqs)
     with torch.no_grad():
         pre = ft_loss(model, batch).item()
@@ -318,13 +306,12 @@ def test_ftw_on_smollm2_makes_edits(smollm2, shared_dir):
 
 def test_mixed_precision_and_bf16_models_train():
     model, tok = tiny_model("llama")
-    res = fit_ft(model, tok, _requests(), {"epochs": 3, "lr": 0.05, "precision": "bf16-mixed"},
-                 trainer_cfg={"enable_progress_bar": False})
+    res = fit_ft(model, tok, _requests(), FTConfig(epochs=3, lr=0.05),
+                 trainer_cfg=TrainerConfig(enable_progress_bar=False, precision="bf16-mixed"))
     assert res.epoch_losses[-1] < res.epoch_losses[0]
     assert all(d.dtype == torch.float32 for d in res.deltas.values())
     half, tok = tiny_model("llama", dtype=torch.bfloat16)
     before = {n: p.clone() for n, p in half.named_parameters()}
-    res = fit_ft(half, tok, _requests(), {"epochs": 3, "lr": 0.05}, trainer_cfg={"enable_progress_bar": False,
-                                                                             "precision": "32-true"})
+    res = fit_ft(half, tok, _requests(), FTConfig(epochs=3, lr=0.05), trainer_cfg=QUIET)
     assert res.epoch_losses[-1] < res.epoch_losses[0]
     assert all(p.dtype == torch.bfloat16 and torch.equal(before[n], p) for n, p in half.named_parameters())

@@ -19,14 +19,15 @@ from massedit.core.tokenization import target_token_ids
 from massedit.editing.hparams import EditHparams
 from massedit.editing.memit import MemitEditor
 from massedit.editing.rome import RomeEditor
-from massedit.editing.romemit_common import corpus_second_moments
+from massedit.trainer import TrainerConfig
+from massedit.testing import corpus_second_moments
 from massedit.testing import FAMILIES, tiny_model
 from test_memit_tiny import GROUPS, REQS, TEXTS  # the tiny-model edit requests (subject at the prompt end)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUIET = {"enable_progress_bar": False}
+QUIET = TrainerConfig(enable_progress_bar=False)
 
 
 def hp(layers):
@@ -73,8 +74,8 @@ def test_memit_and_rome_on_cuda(family, dtype):
         assert rel(C[l], C_cpu[l]) <= (1e-4 if dtype == "float32" else 3e-2), (l, rel(C[l], C_cpu[l]))
     before = _state(model)
     for name, editor in (
-        ("memit", MemitEditor(hparams=hp(layers), stats_provider=lambda m, t, l: C, context_templates=GROUPS, progress=False)),
-        ("rome", RomeEditor(hparams=hp([2]), stats_provider=lambda m, t, l: C, context_templates=["{}", "The city. {}"],
+        ("memit", MemitEditor(hparams=hp(layers), stats=lambda m, t, l: C, context_templates=GROUPS, progress=False)),
+        ("rome", RomeEditor(hparams=hp([2]), stats=lambda m, t, l: C, context_templates=["{}", "The city. {}"],
                             progress=False)),
     ):
         deltas = editor.edit(model, tok, REQS)
@@ -90,15 +91,15 @@ def test_memit_and_rome_on_cuda(family, dtype):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_evaluation_on_cuda_matches_cpu(family):
-    from massedit.evaluation import evaluate
+    from massedit.tasks.evaluate import evaluate
     from test_eval_model import _cf_requests
 
     cpu, tok = tiny_model(family, seed=0)
     reqs = _cf_requests()
-    ref = evaluate(cpu, tok, reqs, {"generation": False, "batch_size": 3}, stage="pre", trainer_kwargs=QUIET)
+    ref = evaluate(cpu, tok, reqs, {"generation": False, "batch_size": 3}, stage="pre", trainer_cfg=QUIET)
     for dtype, tol in (("float32", 1e-3), ("bfloat16", 5e-2)):
         model = on(cpu, DTYPES[dtype])
-        got = evaluate(model, tok, reqs, {"generation": True, "batch_size": 3}, stage="pre", trainer_kwargs=QUIET)
+        got = evaluate(model, tok, reqs, {"generation": True, "batch_size": 3}, stage="pre", trainer_cfg=QUIET)
         assert next(model.parameters()).device == model.device
         for a, b in zip(got.per_case, ref.per_case):
             for key in ("rewrite", "paraphrase", "neighborhood"):
@@ -110,33 +111,30 @@ def test_evaluation_on_cuda_matches_cpu(family):
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 def test_ftw_on_cuda(precision):
-    from omegaconf import OmegaConf
-
-    from massedit.editing.ft import FTEditor
+    from massedit.editing.ft import FTConfig
+    from massedit.lightning_modules.ftw import FTEditor
 
     cpu, tok = tiny_model("llama", seed=0)
     model = on(cpu, torch.float32).train()
     before = _state(model)
-    cfg = OmegaConf.create({"method": {"name": "ftw", "lr": 0.05, "epochs": 8, "layers": [1], "weight_decay": 0.01},
-                            "trainer": {"enable_progress_bar": False, "precision": precision, "accelerator": "gpu"}})
-    deltas = FTEditor(cfg).edit(model, tok, REQS)
+    editor = FTEditor(FTConfig(lr=0.05, epochs=8, layers=[1], weight_decay=0.01),
+                      TrainerConfig(enable_progress_bar=False, precision=precision, accelerator="gpu"))
+    deltas = editor.edit(model, tok, REQS)
     assert _unchanged(model, before)
     assert all(torch.isfinite(d).all() and d.abs().max() > 0 for d in deltas.values())
 
 
 def test_mend_on_cuda(tmp_path):
-    from omegaconf import OmegaConf
-
-    from massedit.editing.mend import MendEditor, save_editor
+    from massedit.editing.mend import MendConfig, MendEditor, save_editor
     from test_mend import _trained_like_net, make_requests
 
     cpu, tok = tiny_model("gpt2", seed=0)
     net = _trained_like_net(cpu, tok)
     path = save_editor(tmp_path / "mend_editor.pt", net)
-    cfg = OmegaConf.create({"method": {"name": "mend", "checkpoint": str(path), "edit_chunk_size": 2}})
-    ref = MendEditor(cfg, None).edit(cpu, tok, make_requests(5))
+    cfg = MendConfig(checkpoint=str(path), edit_chunk_size=2)
+    ref = MendEditor(cfg, progress=False).edit(cpu, tok, make_requests(5))
     model = on(cpu, torch.float32)
-    got = MendEditor(cfg, None).edit(model, tok, make_requests(5))
+    got = MendEditor(cfg, progress=False).edit(model, tok, make_requests(5))
     assert set(got) == set(ref)
     for k in ref:
         assert rel(got[k], ref[k]) <= 1e-3, k
@@ -146,11 +144,15 @@ def test_stats_lightning_collection_on_cuda(tmp_path):
     from massedit.stats import get_second_moments
     from test_stats import _cfg, _write_corpus
 
+    from massedit.lightning_modules.stats import LightningStatsEngine
+    from massedit.trainer import build_trainer
+
     corpus = _write_corpus(tmp_path / "wiki.txt")
     cpu, tok = tiny_model("llama", seed=0)
-    ref = get_second_moments(cpu, tok, [0, 2], _cfg(corpus, tmp_path / "a", engine="torch", cache=False))
+    ref = get_second_moments(cpu, tok, [0, 2], _cfg(corpus, tmp_path / "a", cache=False))
     model = on(cpu, torch.float32)
-    got = get_second_moments(model, tok, [0, 2], _cfg(corpus, tmp_path / "b", engine="lightning", cache=False))
+    engine = LightningStatsEngine(build_trainer(TrainerConfig(accelerator="gpu", devices=[0], enable_progress_bar=False)))
+    got = get_second_moments(model, tok, [0, 2], _cfg(corpus, tmp_path / "b", cache=False), engine=engine)
     for l in (0, 2):
         assert rel(got[l], ref[l]) <= 1e-4, l
     assert next(model.parameters()).is_cuda  # Lightning's teardown moves modules to the CPU: keep_device undoes it
@@ -159,17 +161,21 @@ def test_stats_lightning_collection_on_cuda(tmp_path):
 def test_lightning_runs_leave_the_model_on_cuda(tmp_path):
     """Evaluation, then MEMIT with statistics collected through Lightning, as edit.py runs them: the model must
     stay on the GPU throughout (Lightning's teardown moved it to the CPU before keep_device)."""
-    from massedit.evaluation import evaluate
+    from massedit.tasks.evaluate import evaluate
     from massedit.stats import get_second_moments
     from test_stats import _cfg, _write_corpus
 
     corpus = _write_corpus(tmp_path / "wiki.txt")
     cpu, tok = tiny_model("llama", seed=0)
     model = on(cpu, torch.float32)
-    evaluate(model, tok, REQS, {"generation": False}, stage="pre", trainer_kwargs=QUIET)
+    evaluate(model, tok, REQS, {"generation": False}, stage="pre", trainer_cfg=QUIET)
     assert next(model.parameters()).is_cuda
-    stats_cfg = _cfg(corpus, tmp_path, engine="lightning", cache=False)
-    editor = MemitEditor(hparams=hp([1, 2]), stats_provider=lambda m, t, l: get_second_moments(m, t, l, stats_cfg),
+    from massedit.lightning_modules.stats import LightningStatsEngine
+    from massedit.trainer import build_trainer
+
+    stats_cfg = _cfg(corpus, tmp_path, cache=False)
+    engine = LightningStatsEngine(build_trainer(TrainerConfig(accelerator="gpu", devices=[0], enable_progress_bar=False)))
+    editor = MemitEditor(hparams=hp([1, 2]), stats=lambda m, t, l: get_second_moments(m, t, l, stats_cfg, engine=engine),
                          context_templates=GROUPS, progress=False)
     deltas = editor.edit(model, tok, REQS)
     assert next(model.parameters()).is_cuda

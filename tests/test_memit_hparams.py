@@ -1,14 +1,12 @@
-"""Hparams: reference JSON files load as is, config overrides apply, bad keys fail with a clear message;
+"""Hparams: reference JSON files load as is, bad keys fail with a clear message, layers are checked;
 context-template files round-trip and are validated."""
 import json
 
 import pytest
-from omegaconf import OmegaConf
-
 from massedit.editing.context_templates import (
     TemplateError, as_groups, flatten, load_context_templates, save_context_templates,
 )
-from massedit.editing.hparams import HparamsError, hparams_from_config, load_hparams_file
+from massedit.editing.hparams import EditHparams, HparamsError, load_hparams_file, read_hparams_file
 
 
 def test_reference_json_loads(tmp_path):
@@ -22,22 +20,19 @@ def test_reference_json_loads(tmp_path):
     p.write_text(json.dumps(ref))
     hp = load_hparams_file(p)
     assert hp.layers == [4, 5] and hp.z_layer == 5 and hp.mom2_update_weight == 15000
-    assert hp.module_templates["rewrite_module_tmp"] == "model.layers.{}.mlp.down_proj"
+    hp_vals, stats = read_hparams_file(p)
+    assert "rewrite_module_tmp" not in hp_vals and stats == {"n_samples": 40, "n_tokens": None, "dtype": "float32"}
     p.write_text(json.dumps({**ref, "v_lrr": 1}))
     with pytest.raises(HparamsError, match="v_lrr"):
         load_hparams_file(p)
 
 
-def test_config_overrides_and_auto():
-    method = OmegaConf.create({"name": "memit", "hparams": "auto", "layers": [3, 4], "mom2_update_weight": 100.0,
-                               "v_lr": None, "context_templates": None})
-    hp = hparams_from_config(method, OmegaConf.create({"name": "smollm2-135m"}))
-    assert hp.layers == [3, 4] and hp.mom2_update_weight == 100.0 and hp.v_lr == 0.5
-    for model in ("gpt2-xl", "gpt-j-6b", "gpt-neox-20b"):
-        for m in ("rome", "memit"):
-            assert hparams_from_config({"name": m, "hparams": "auto"}, {"name": model}).layers
-    with pytest.raises(HparamsError, match="no memit hparams"):
-        hparams_from_config({"name": "memit", "hparams": "auto"}, {"name": "unknown-model"})
+def test_layers_validated_against_the_model():
+    hp = EditHparams(layers=[4, 30])
+    with pytest.raises(HparamsError, match=r"\[30\] outside the model's 30 layers"):
+        hp.validate(30)
+    with pytest.raises(HparamsError, match="at least one layer"):
+        EditHparams().validate()
 
 
 def test_templates_roundtrip_and_validation(tmp_path):

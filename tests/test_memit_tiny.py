@@ -9,7 +9,8 @@ from massedit.core.tokenization import target_token_ids
 from massedit.data.requests import EditRequest
 from massedit.editing.hparams import EditHparams
 from massedit.editing.memit import MemitEditor, memit_layer_update, memit_solve
-from massedit.editing.romemit_common import corpus_second_moments
+from massedit.editing.target_cache import TargetCache
+from massedit.testing import corpus_second_moments
 from massedit.testing import _CORPUS, FAMILIES, tiny_model
 
 TEXTS = [s.strip() + "." for s in _CORPUS.split(".") if s.strip()]
@@ -54,8 +55,8 @@ def test_memit_batch_edits_and_leaves_model(family, tmp_path):
     layers = [1, 2]
     C = corpus_second_moments(model, tok, layers, TEXTS)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    editor = MemitEditor(hparams=memit_hp(layers), stats_provider=lambda m, t, l: C, context_templates=GROUPS,
-                         z_cache_dir=tmp_path / "z", progress=False)
+    editor = MemitEditor(hparams=memit_hp(layers), stats=lambda m, t, l: C, context_templates=GROUPS,
+                         cache=TargetCache(tmp_path / "z"), progress=False)
     deltas = editor.edit(model, tok, REQS)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -69,8 +70,8 @@ def test_memit_batch_edits_and_leaves_model(family, tmp_path):
         assert torch.equal(v, before[k]), k
     # second run: all z from the cache, identical deltas
     assert editor.info["targets"]["from_cache"] == 0
-    again = MemitEditor(hparams=memit_hp(layers), stats_provider=lambda m, t, l: C, context_templates=GROUPS,
-                        z_cache_dir=tmp_path / "z", progress=False)
+    again = MemitEditor(hparams=memit_hp(layers), stats=lambda m, t, l: C, context_templates=GROUPS,
+                        cache=TargetCache(tmp_path / "z"), progress=False)
     d2 = again.edit(model, tok, REQS)
     assert again.info["targets"]["from_cache"] == len(REQS)
     for k in deltas:
@@ -83,7 +84,7 @@ def test_memit_batches_compose(tmp_path):
     model, tok = tiny_model("gpt2", seed=0)
     layers = [1, 2]
     C = corpus_second_moments(model, tok, layers, TEXTS)
-    editor = MemitEditor(hparams=memit_hp(layers, batch_size=2), stats_provider=lambda m, t, l: C,
+    editor = MemitEditor(hparams=memit_hp(layers, batch_size=2), stats=lambda m, t, l: C,
                          context_templates=GROUPS, progress=False)
     deltas = editor.edit(model, tok, REQS)
     with deltas_applied(model, deltas):

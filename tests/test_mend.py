@@ -9,6 +9,7 @@ import torch
 from massedit.data.requests import EditRequest
 from massedit.editing.mend import (MendEditor, MendNet, MendNetConfig, RunningNorm, build_edit_batch, capture_factors,
                                    edited_forward, inner_params, load_editor, masked_nll, mend_deltas, save_editor)
+from massedit.editing.mend.config import MendTrainConfig
 from massedit.testing import tiny_model
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "table", "music", "light", "paper", "glass"]
@@ -194,15 +195,14 @@ def test_edited_forward_equals_weight_update():
 
 
 def test_editor_leaves_model_as_found(tmp_path):
-    from omegaconf import OmegaConf
+    from massedit.editing.mend.config import MendConfig
 
     model, tok = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
     net = _trained_like_net(model, tok)
     path = save_editor(tmp_path / "mend_editor.pt", net)
-    cfg = OmegaConf.create({"method": {"name": "mend", "checkpoint": str(path), "edit_chunk_size": 2}})
-    deltas = MendEditor(cfg, None).edit(model, tok, make_requests(5))
+    deltas = MendEditor(MendConfig(checkpoint=str(path), edit_chunk_size=2), progress=False).edit(model, tok, make_requests(5))
     assert set(deltas) == {p.param for p in net.inner}
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -233,7 +233,7 @@ def test_checkpoint_roundtrip_and_wrong_model(tmp_path):
 
 def test_grouped_batch_equals_separate_problems():
     from massedit.datamodules.mend import MendCollate, make_examples
-    from massedit.lightning_modules.mend import mend_step
+    from massedit.editing.mend.objective import mend_step
 
     model, tok = tiny_model("llama")
     net = _trained_like_net(model, tok)
@@ -247,7 +247,7 @@ def test_grouped_batch_equals_separate_problems():
 
 def test_gradients_reach_editor_not_model():
     from massedit.datamodules.mend import MendCollate, make_examples
-    from massedit.lightning_modules.mend import mend_step
+    from massedit.editing.mend.objective import mend_step
 
     model, tok = tiny_model("gpt2")
     net = MendNet(inner_params(model), MendNetConfig(rank=8))
@@ -271,7 +271,7 @@ def test_training_reduces_edit_loss_and_checkpoints(tmp_path):
     reqs = make_requests(24)
     dm = MendDataModule(tok, reqs[:20], reqs[20:], n_edits=1, batch_problems=4, max_iters=48, val_size=4)
     net = MendNet(inner_params(model), MendNetConfig(rank=8))
-    module = MendModule(model, net, dict(lr=1e-3, lr_lr=1e-3, accumulate=4))
+    module = MendModule(model, net, MendTrainConfig(lr=1e-3, lr_lr=1e-3, accumulate=4))
     ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), monitor="val/loss", mode="min", save_top_k=1)
     trainer = pl.Trainer(max_epochs=1, val_check_interval=4, num_sanity_val_steps=0, inference_mode=False,
                          logger=False, callbacks=[ck], plugins=[AtomicCheckpointIO()], enable_progress_bar=False,
@@ -299,7 +299,7 @@ def test_bad_locality_data_is_reported():
 
 
 def test_mend_config_composes():
-    from massedit.config import compose
+    from massedit.tasks.config import compose
 
     cfg = compose("edit", ["method=mend", "method.checkpoint=/x/mend_editor.pt"])
     assert cfg.method.name == "mend" and cfg.method.projections == ["up", "down"] and cfg.method.num_layers == 3
@@ -337,7 +337,7 @@ def test_trainer_precision_settings(precision):
     dm = MendDataModule(tok, reqs[:20], reqs[20:], batch_problems=4, max_iters=16, val_size=4)
     net = MendNet(inner_params(model), MendNetConfig(rank=8))
     before = net.edit_lrs.detach().clone()
-    module = MendModule(model, net, dict(lr=1e-3, lr_lr=1e-3, accumulate=4))
+    module = MendModule(model, net, MendTrainConfig(lr=1e-3, lr_lr=1e-3, accumulate=4))
     trainer = pl.Trainer(max_epochs=1, val_check_interval=2, num_sanity_val_steps=0, inference_mode=False, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          precision=precision)

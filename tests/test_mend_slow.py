@@ -24,14 +24,12 @@ def _reqs():
 
 
 def test_smollm2_mend_concurrent_equals_one_batch_and_gradient(smollm2):
-    from omegaconf import OmegaConf
-
     from massedit.editing.mend import MendNetConfig, build_edit_batch, masked_nll, mend_deltas
     from massedit.editing.mend.editor import build_mend_net
+    from massedit.tasks.config import compose
 
     model, tok = smollm2
-    cfg = OmegaConf.load("configs/method/mend.yaml")
-    net = build_mend_net(model, cfg)
+    net = build_mend_net(model, compose("edit", ["method=mend"]).method)
     assert [p.param for p in net.inner] == [f"model.layers.{i}.mlp.{n}.weight" for i in (27, 28, 29)
                                             for n in ("up_proj", "down_proj")]
     assert sorted(net.transforms.keys()) == ["1536x576", "576x1536"]
@@ -63,7 +61,7 @@ def test_smollm2_mend_concurrent_equals_one_batch_and_gradient(smollm2):
 def test_smollm2_one_training_step_moves_editor(smollm2):
     from massedit.datamodules.mend import MendCollate, make_examples
     from massedit.editing.mend import MendNet, MendNetConfig, inner_params
-    from massedit.lightning_modules.mend import mend_step
+    from massedit.editing.mend.objective import mend_step
 
     model, tok = smollm2
     net = MendNet(inner_params(model), MendNetConfig(rank=32))

@@ -154,11 +154,10 @@ def test_missing_file():
 
 
 def test_cli_exit_code_2(tmp_path, capsys):
-    from edit import main
-    from massedit.cli import run_cli
+    from massedit.cli import run_command
 
     p = write(tmp_path, [cf_with(prompt="no placeholder here")])
-    rc = run_cli("edit", "edit.py", main, [f"data.path={p}", f"output_dir={tmp_path/'out'}", "logger=none"])
+    rc = run_command("edit", [f"data.path={p}", f"output_dir={tmp_path/'out'}", "logger=none"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "record 0" in err and "requested_rewrite.prompt" in err and "case_id=7" in err

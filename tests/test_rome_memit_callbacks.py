@@ -9,7 +9,7 @@ from massedit.core.deltas import load_deltas
 from massedit.core.tokenization import target_token_ids
 from massedit.data.requests import EditRequest
 from massedit.editing.hparams import EditHparams
-from massedit.editing.romemit_common import corpus_second_moments
+from massedit.testing import corpus_second_moments
 from massedit.testing import _CORPUS, tiny_model
 
 TEXTS = [s.strip() + "." for s in _CORPUS.split(".") if s.strip()]
@@ -33,8 +33,8 @@ def _run(cb_cls, hp, tmp_path, revert):
     C = corpus_second_moments(model, tok, hp.layers, TEXTS)
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
     module = Wrapper(model, tok)
-    cb = cb_cls([REQ], hparams=hp, stats_provider=lambda m, t, l: C, context_templates=["{}", "The city. {}"],
-                save_path=tmp_path / "deltas.safetensors", revert_at_end=revert, progress=False)
+    cb = cb_cls([REQ], hparams=hp, stats=lambda m, t, l: C, context_templates=["{}", "The city. {}"],
+                save_path=tmp_path / "deltas.safetensors", revert_at_end=revert, progress=False, hook="on_validation_start")
     trainer = pl.Trainer(callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
     trainer.validate(module, dataloaders=torch.utils.data.DataLoader([0], batch_size=1), verbose=False)

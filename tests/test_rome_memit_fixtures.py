@@ -16,7 +16,7 @@ from massedit.editing.context_templates import load_context_templates
 from massedit.editing.hparams import load_hparams_file
 from massedit.editing.memit import apply_memit, memit_solve, spread_residual
 from massedit.editing.rome import apply_rome, rank_one_update
-from massedit.editing.romemit_common import reference_stats_provider
+from massedit.testing import reference_stats_provider
 
 TOL = 1e-3
 

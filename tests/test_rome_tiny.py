@@ -8,7 +8,7 @@ from massedit.core.deltas import deltas_applied, apply_deltas, load_deltas, reve
 from massedit.core.tokenization import target_token_ids
 from massedit.data.requests import EditRequest
 from massedit.editing.hparams import EditHparams
-from massedit.editing.romemit_common import corpus_second_moments
+from massedit.testing import corpus_second_moments
 from massedit.editing.rome import RomeEditor, apply_rome, left_vector, rank_one_update, right_vector
 from massedit.testing import _CORPUS, FAMILIES, tiny_model
 
@@ -53,7 +53,7 @@ def test_rome_edits_argmax_and_touches_only_rewrite_weight(family):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     target = target_token_ids(tok, " " + REQ.target_new)[0]
     assert next_token_argmax(model, tok, REQ.filled_prompt) != target
-    editor = RomeEditor(hparams=rome_hp(layer), stats_provider=lambda m, t, l: C, context_templates=TEMPLATES,
+    editor = RomeEditor(hparams=rome_hp(layer), stats=lambda m, t, l: C, context_templates=TEMPLATES,
                         progress=False)
     deltas = editor.edit(model, tok, [REQ])
     # model left exactly as found

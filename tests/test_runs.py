@@ -1,15 +1,15 @@
 """Run directories, resolved config, loggers (W&B offline without a key, CSV, none)."""
 import pytest
 
-from massedit.config import compose
-from massedit.runs import resolve_wandb_mode, setup_run
+from massedit.tasks.config import compose
+from massedit.tasks.runs import resolve_wandb_mode, setup_run
 
 
 @pytest.mark.parametrize("logger", ["csv", "none", "wandb"])
 def test_run_dir_config_and_logger(tmp_path, logger, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = compose("edit", [f"output_dir={tmp_path/'run'}", f"logger={logger}", "seed=5"])
-    run = setup_run(cfg)
+    job = compose("edit", [f"output_dir={tmp_path/'run'}", f"logger={logger}", "seed=5"])
+    run = setup_run(job)
     try:
         assert (run.dir / "config.yaml").exists() and (run.dir / "run.log").exists()
         assert "seed: 5" in (run.dir / "config.yaml").read_text()

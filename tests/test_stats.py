@@ -10,11 +10,12 @@ import torch
 
 from massedit.core.adapters import get_adapter
 from massedit.core.nethook import Trace
-from massedit.datamodules.corpus import (CorpusError, CorpusNotAvailableError, CorpusSpec, build_token_batches,
+from massedit.data.corpus import (CorpusError, CorpusNotAvailableError, CorpusSpec, build_token_batches,
                                          is_wikitext_top_heading, load_corpus, pack_lines_by_articles,
                                          pack_lines_by_chars, token_budget_batches, unescape_wikitext)
 from massedit.stats import get_second_moment, get_second_moments
-from massedit.stats.collect import SimulatedInterruption, collect_layer_stats, layer_stats_keys, prepare_corpus
+from massedit.stats.collect import (SimulatedInterruption, TorchEngine, collect_layer_stats, layer_stats_keys,
+                                    prepare_corpus)
 from massedit.stats.config import StatsConfig
 from massedit.stats.moments import accumulate_batch
 from massedit.stats.reference import export_layer_stats, load_reference_stats, reference_stats_path
@@ -52,10 +53,20 @@ def corpus_file(tmp_path):
 
 def _cfg(corpus_file, tmp_path, **kw):
     base = dict(corpus=str(corpus_file), format="wikitext", packing="articles", n_samples=None, n_tokens=1500,
-                max_length=48, batch_tokens=200, cache_dir=str(tmp_path / "cache"), engine="torch", checkpoint_every=0,
+                max_length=48, batch_tokens=200, cache_dir=str(tmp_path / "cache"), checkpoint_every=0,
                 checkpoint_seconds=0)
     base.update(kw)
     return base
+
+
+def _engine(name, **trainer_kw):
+    """The plain-torch engine, or the Lightning one on a CPU Trainer built like the job's."""
+    if name == "torch":
+        return TorchEngine()
+    from massedit.lightning_modules.stats import LightningStatsEngine
+    from massedit.trainer import TrainerConfig, build_trainer
+
+    return LightningStatsEngine(build_trainer(TrainerConfig(accelerator="cpu", enable_progress_bar=False, **trainer_kw)))
 
 
 # ------------------------------------------------------------------------------------------ corpus
@@ -92,7 +103,7 @@ def test_corpus_loader_sampling_and_exact_token_count(corpus_file):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_fast_truncated_encoding_equals_tokenizer_truncation(family):
-    from massedit.datamodules.corpus import _encode_truncated
+    from massedit.data.corpus import _encode_truncated
 
     _, tok = tiny_model(family)
     texts = ["Paris is in France. " * 300, "short text", "x" * 5000, "a b " * 3000, "  " * 900 + "end", ""]
@@ -212,8 +223,10 @@ def test_pads_do_not_change_sums():
 
 def test_lightning_engine_equals_torch_engine(corpus_file, tmp_path):
     model, tok = tiny_model("gpt_neox", n_layer=3)
-    a = get_second_moments(model, tok, [1, 2], _cfg(corpus_file, tmp_path, cache=False, engine="torch"), progress=False)
-    b = get_second_moments(model, tok, [1, 2], _cfg(corpus_file, tmp_path, cache=False, engine="lightning"), progress=False)
+    a = get_second_moments(model, tok, [1, 2], _cfg(corpus_file, tmp_path, cache=False), progress=False,
+                           engine=_engine("torch"))
+    b = get_second_moments(model, tok, [1, 2], _cfg(corpus_file, tmp_path, cache=False), progress=False,
+                           engine=_engine("lightning"))
     for layer in (1, 2):
         assert torch.equal(a[layer], b[layer])
 
@@ -296,17 +309,18 @@ def test_cache_hit_runs_no_forward(corpus_file, tmp_path):
 @pytest.mark.parametrize("engine", ["torch", "lightning"])
 def test_resume_after_interruption_gives_same_C(engine, corpus_file, tmp_path):
     model, tok = tiny_model("llama", n_layer=3)
-    ref = get_second_moments(model, tok, [1, 2], _cfg(corpus_file, tmp_path, cache=False, engine=engine), progress=False)
-    cfg = _cfg(corpus_file, tmp_path, engine=engine, checkpoint_every=2)
+    ref = get_second_moments(model, tok, [1, 2], _cfg(corpus_file, tmp_path, cache=False), progress=False,
+                             engine=_engine(engine))
+    cfg = _cfg(corpus_file, tmp_path, checkpoint_every=2)
     with pytest.raises(SimulatedInterruption):
-        collect_layer_stats(model, tok, [1, 2], cfg, progress=False, _interrupt_after=5)
+        collect_layer_stats(model, tok, [1, 2], cfg, progress=False, _interrupt_after=5, engine=_engine(engine))
     partial = list((tmp_path / "cache" / "partial").glob("*.pt"))
     assert len(partial) == 1
     assert torch.load(partial[0], weights_only=True)["state"]["batches_done"] == 4
     calls = []
     h = model.register_forward_pre_hook(lambda *args: calls.append(1))
     try:
-        resumed = collect_layer_stats(model, tok, [1, 2], cfg, progress=False)
+        resumed = collect_layer_stats(model, tok, [1, 2], cfg, progress=False, engine=_engine(engine))
     finally:
         h.remove()
     s = StatsConfig.from_config(cfg)
@@ -337,11 +351,11 @@ def test_checkpoint_policy_by_batches_and_by_time():
 
 def test_two_process_ddp_equals_one_process(corpus_file, tmp_path):
     model, tok = tiny_model("gpt2", n_layer=3)
-    one = get_second_moments(model, tok, [0, 2], _cfg(corpus_file, tmp_path, cache=False, engine="lightning",
-                                                      dtype="float64"), progress=False)
-    cfg2 = _cfg(corpus_file, tmp_path, engine="lightning", dtype="float64", devices=2, strategy="ddp_fork",
-                accelerator="cpu", cache_dir=str(tmp_path / "cache2"))
-    two = collect_layer_stats(model, tok, [0, 2], cfg2, progress=False)
+    one = get_second_moments(model, tok, [0, 2], _cfg(corpus_file, tmp_path, cache=False, dtype="float64"),
+                             progress=False, engine=_engine("lightning"))
+    cfg2 = _cfg(corpus_file, tmp_path, dtype="float64", cache_dir=str(tmp_path / "cache2"))
+    two = collect_layer_stats(model, tok, [0, 2], cfg2, progress=False, engine=_engine("lightning", devices=2,
+                                                                                       strategy="ddp_fork"))
     for layer in (0, 2):
         assert two[layer].count == 1500
         assert two[layer].meta["world_size"] == 2 and min(two[layer].meta["batches_per_rank"]) > 0
@@ -391,7 +405,7 @@ def test_tiny_gpt2_fixture_statistics_reproduced(shared_dir, tmp_path):
     wt = shared_dir / "data" / "text" / "wikitext-2"
     cfg = dict(corpus=[str(wt / "test.txt"), str(wt / "valid.txt")], format="wikitext", packing="chars",
                chunk_chars=2500, unescape=False, n_samples=sample["n_samples"], n_tokens=None,
-               max_length=sample["maxlen"], batch_tokens=768, cache=False, engine="torch")
+               max_length=sample["maxlen"], batch_tokens=768, cache=False)
     s = StatsConfig.from_config(cfg)
     corpus = prepare_corpus(s)
     assert len(corpus.docs) == sample["n_texts_in_corpus"]
@@ -411,52 +425,22 @@ def test_tiny_gpt2_fixture_statistics_reproduced(shared_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def test_stats_cli_main_computes_and_exports(corpus_file, tmp_path, capsys):
-    import importlib.util
-
-    from omegaconf import OmegaConf
+def test_stats_job_computes_and_exports(corpus_file, tmp_path, capsys):
+    from massedit.tasks.config import compose
+    from massedit.tasks.stats import stats_job
 
     model, tok = tiny_model("gpt2", n_layer=3)
     model_dir = tmp_path / "tiny-gpt2"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    spec = importlib.util.spec_from_file_location("stats_cli", Path(__file__).resolve().parents[1] / "stats.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    cfg = OmegaConf.create({"model": {"name_or_path": str(model_dir), "dtype": "float32"},
-                            "stats": _cfg(corpus_file, tmp_path, layers=[1, 2], export_dir=str(tmp_path / "export"),
-                                          ds_name="wikitext", n_samples=20)})
-    summary = cli.main(cfg)
+    ov = [f"{k}={v}" for k, v in _cfg(corpus_file, tmp_path, export_dir=str(tmp_path / "export"), ds_name="wikitext",
+                                       n_samples=20).items() if v is not None]
+    job = compose("edit", ["model=hf", f"model.name_or_path={model_dir}", "method.hparams=gpt2-xl", "stats.layers=[1,2]",
+                           "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"] + [f"stats.{o}" for o in ov])
+    summary = stats_job(job)
     assert [r["source"] for r in summary["per_layer"]] == ["computed", "computed"]
     exported = sorted((tmp_path / "export").rglob("*.npz"))
     assert [p.name for p in exported] == [f"transformer.h.{i}.mlp.c_proj_float32_mom2_20.npz" for i in (1, 2)]
-    again = cli.main(cfg)
+    again = stats_job(job)
     assert [r["source"] for r in again["per_layer"]] == ["cache", "cache"]
     assert "trace_C" in capsys.readouterr().out
-
-
-@pytest.mark.filterwarnings("ignore:.*LeafSpec")
-def test_lightning_validate_loop_accumulates_like_predict(corpus_file, tmp_path):
-    import pytorch_lightning as pl
-
-    from massedit.datamodules.corpus import CorpusDataModule
-    from massedit.lightning_modules.stats import SecondMomentModule
-    from massedit.stats.collect import CollectionJob
-
-    model, tok = tiny_model("llama", n_layer=2)
-    ref = get_second_moment(model, tok, 1, _cfg(corpus_file, tmp_path, cache=False), progress=False)
-    s = StatsConfig.from_config(_cfg(corpus_file, tmp_path))
-    tb = build_token_batches(tok, prepare_corpus(s).docs, max_length=s.max_length, batch_tokens=s.batch_tokens,
-                             n_tokens=s.n_tokens, seed=s.seed)
-    name = get_adapter(model).rewrite_name(1)
-    out = tmp_path / "val.safetensors"
-    job = CollectionJob(modules=[name], token_batches=tb, acc_dtype="float32", result_paths={name: str(out)},
-                        result_meta={name: {}}, runkey="x", partial_dir=None, progress=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
-    trainer.validate(SecondMomentModule(model, job), datamodule=CorpusDataModule(tb), verbose=False)
-    from massedit.stats.cache import load_stats_file
-
-    total, count, _ = load_stats_file(out)
-    assert count == 1500
-    assert torch.allclose(total / count, ref, rtol=1e-6, atol=1e-9)

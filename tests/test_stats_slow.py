@@ -22,7 +22,7 @@ def test_smollm2_layer6_statistics_match_reference_fixture(shared_dir, smollm2, 
     cfg = dict(corpus=[str(wt / "test.txt"), str(wt / "valid.txt")], format="wikitext", packing="chars",
                chunk_chars=2500, unescape=False, n_samples=sample["n_samples"], n_tokens=None,
                max_length=sample["maxlen"], batch_tokens=sample["sub_batches"]["token_budget"],
-               cache_dir=str(tmp_path / "cache"), engine="lightning")
+               cache_dir=str(tmp_path / "cache"))
     module = "model.layers.6.mlp.down_proj"
     n = torch.get_num_threads()
     torch.set_num_threads(2)

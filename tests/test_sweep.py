@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from massedit.sweeps import (
+from massedit.tasks.sweep import (
     STATE_FILE,
     SweepSpecError,
     build_command,
@@ -45,7 +45,7 @@ def _fake_score(wd: float) -> dict:
 
 # ------------------------------------------------------------------------------------------ parsing / expansion
 def test_shipped_sweep_file_is_a_valid_wandb_grid_that_train_accepts():
-    from massedit.config import compose
+    from massedit.tasks.config import compose
 
     spec = load_sweep(REPO / "configs/sweeps/ftw_weight_decay.yaml")
     assert spec.method == "grid" and spec.metric == "score" and spec.goal == "maximize"
@@ -56,7 +56,7 @@ def test_shipped_sweep_file_is_a_valid_wandb_grid_that_train_accepts():
     assert len(trials) == len(wds)
     for t in trials:  # every trial's key=value arguments compose into a train config
         # the runner's own additions (run directory, W&B group and name) must compose too
-        cmd = build_command(spec, t, extra_args=["output_dir=/tmp/x", "+logger.group=g", "+logger.name=n"])
+        cmd = build_command(spec, t, extra_args=["output_dir=/tmp/x", "logger.group=g", "logger.name=n", "data.path=cf.json"])
         args = cmd[cmd.index("train.py") + 1:]
         cfg = compose("train", args)
         assert cfg.method.name == "ftw" and float(cfg.method.weight_decay) == float(t["method.weight_decay"])
@@ -261,7 +261,7 @@ def test_subprocess_trial_runs_the_command_and_reads_results(tmp_path):
 
 
 def test_cli_dry_run_and_summary_logged_to_wandb_offline(tmp_path, monkeypatch, capsys):
-    from massedit.sweeps import log_summary_to_wandb, main
+    from massedit.tasks.sweep import log_summary_to_wandb, main
 
     assert main([str(REPO / "configs/sweeps/ftw_weight_decay.yaml"), "--dry-run", "--set", "data.num_edits=7"]) == 0
     out = capsys.readouterr().out

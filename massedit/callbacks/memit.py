@@ -1,22 +1,21 @@
-"""Lightning callback that edits a model with MEMIT at a chosen hook (REFERENCE_SPEC §2).
-
-    trainer = pl.Trainer(callbacks=[MEMIT(requests, cfg=cfg, hook="on_validation_start")])
-    trainer.validate(module)          # module.model is edited before the first validation batch
-
-Without Lightning: ``massedit.editing.memit.MemitEditor(cfg, run).edit(model, tok, requests)``.
-"""
+"""``MEMIT(requests, hparams, stats)``: :class:`~massedit.callbacks.apply_edit.ApplyEdit` with a MEMIT editor
+(REFERENCE_SPEC §2), for use in any Lightning ``Trainer``."""
 from __future__ import annotations
 
-from massedit.callbacks.rome import EditCallback
+from typing import Sequence
+
+from massedit.callbacks.apply_edit import ApplyEdit
+from massedit.editing.editor import StatsProvider
+from massedit.editing.hparams import EditHparams
+from massedit.editing.memit import MemitEditor
+from massedit.editing.target_cache import TargetCache
 
 
-class MEMIT(EditCallback):
-    """Edit with MEMIT (batched z optimisation, multi-layer update) at ``hook``; see :class:`EditCallback`."""
+class MEMIT(ApplyEdit):
+    """Edit with MEMIT (batched z optimisation, multi-layer update) at ``hook``; options as :class:`MemitEditor`."""
 
-    method = "memit"
-
-    @property
-    def editor_cls(self):
-        from massedit.editing.memit import MemitEditor
-
-        return MemitEditor
+    def __init__(self, requests: Sequence, hparams: EditHparams, stats: StatsProvider, *, context_templates=None,
+                 template_seed: int = 0, cache: TargetCache | None = None, progress: bool = True, **callback_kwargs):
+        editor = MemitEditor(hparams, stats, context_templates=context_templates, template_seed=template_seed,
+                             cache=cache, progress=progress)
+        super().__init__(editor, requests, **callback_kwargs)

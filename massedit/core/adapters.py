@@ -15,9 +15,10 @@ from typing import Callable, ClassVar
 
 import torch
 from torch import nn
+from massedit.core.errors import InputError
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(InputError):
     """Raised when no adapter is registered for a model's config class."""
 
 

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from massedit.core.io import atomic_save_safetensors
+from massedit.core.errors import InputError
 
 Deltas = dict[str, torch.Tensor]
 
 
-class DeltaShapeError(ValueError):
+class DeltaShapeError(InputError):
     pass
 
 

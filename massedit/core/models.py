@@ -11,12 +11,14 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from massedit.core.tokenization import prepare_tokenizer
+from massedit.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,33 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(InputError):
     pass
+
+
+class ModelConfigError(InputError):
+    """A ``model.*`` value that cannot work (named in the message)."""
+
+
+@dataclass
+class ModelConfig:
+    """``model`` config group: which causal LM to load, and how."""
+
+    name: str = "smollm2-135m"          # short name; picks the hparams files hparams/<method>/<name>.yaml
+    name_or_path: str = "smollm2-135m"  # a built-in model, a Hugging Face hub id, or a local directory
+    dtype: str = "float32"              # float32 | float16 | bfloat16
+    revision: str | None = None         # hub revision (branch, tag or commit)
+    cache_dir: str | None = None        # built-in models' cache; default $MASSEDIT_CACHE or ~/.cache/massedit
+
+    def __post_init__(self) -> None:
+        if str(self.dtype).replace("torch.", "") not in DTYPES:
+            raise ModelConfigError(f"model.dtype={self.dtype!r}: choose one of float32, float16, bfloat16")
+        if not str(self.name_or_path or "").strip():
+            raise ModelConfigError("model.name_or_path is empty: give a built-in name (smollm2-135m), a hub id or a path")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
@@ -103,15 +130,24 @@ def builtin_checkpoint(name: str, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def resolve_model_path(model_cfg: Any) -> str:
-    get = model_cfg.get if hasattr(model_cfg, "get") else (lambda k, d=None: getattr(model_cfg, k, d))
-    name = get("name_or_path") or get("name")
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A loadable path: the cached checkpoint of a built-in model (created on first use), else ``name_or_path``."""
+    name = cfg.name_or_path
     if name in BUILTIN_MODELS:
-        return str(builtin_checkpoint(name, get("cache_dir")))
+        return str(builtin_checkpoint(name, cfg.cache_dir))
     return str(name)
 
 
-def load_model_and_tokenizer(model_cfg: Any, device: str | torch.device | None = None):
+def as_model_config(model_cfg: ModelConfig | str | dict) -> ModelConfig:
+    """A :class:`ModelConfig` from a config object, a name/path, or a dict of its fields."""
+    if isinstance(model_cfg, ModelConfig):
+        return model_cfg
+    if isinstance(model_cfg, str):
+        return ModelConfig(name=model_cfg.rstrip("/").split("/")[-1], name_or_path=model_cfg)
+    return ModelConfig(**dict(model_cfg))
+
+
+def load_model_and_tokenizer(model_cfg: ModelConfig | str | dict, device: str | torch.device | None = None):
     """Load ``(model, tokenizer)`` from a ``model`` config (name_or_path, dtype, revision, cache_dir).
 
     The tokenizer is prepared with pad = eos and right padding. The model is in eval mode with
@@ -119,12 +155,12 @@ def load_model_and_tokenizer(model_cfg: Any, device: str | torch.device | None =
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    get = model_cfg.get if hasattr(model_cfg, "get") else (lambda k, d=None: getattr(model_cfg, k, d))
-    path = resolve_model_path(model_cfg)
-    dtype = parse_dtype(get("dtype", "float32"))
+    cfg = as_model_config(model_cfg)
+    path = resolve_model_path(cfg)
+    dtype = cfg.torch_dtype
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if get("revision"):
-        kwargs["revision"] = get("revision")
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
     t0 = time.time()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

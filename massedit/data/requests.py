@@ -22,6 +22,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+from massedit.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,33 @@ BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_SETS = {"smollm2_facts": BUILTIN_DIR / "smollm2_facts.json"}
 
 
-class RequestValidationError(ValueError):
+@dataclass
+class DataConfig:
+    """``data`` config group: which edit requests to read."""
+
+    path: str = "builtin:smollm2_facts"   # builtin:NAME or a request file (JSON, JSONL, CSV)
+    format: str = "auto"                  # auto | counterfact | counterfact_reduced | zsre | user
+    num_edits: int | None = None          # the first N records after `offset` (null = all)
+    offset: int = 0
+    skip_invalid: bool = False            # true: skip bad records (counted and logged) instead of failing
+    zsre_target: str = "answers"          # zsRE: answers (reference evaluation) | alt (MEND training)
+
+    def __post_init__(self) -> None:
+        if self.format != "auto" and self.format not in FORMATS:
+            raise DataConfigError(f"data.format={self.format!r}: choose auto or one of {FORMATS}")
+        if self.num_edits is not None and int(self.num_edits) < 1:
+            raise DataConfigError(f"data.num_edits must be >= 1 or null (all records), got {self.num_edits}")
+        if int(self.offset) < 0:
+            raise DataConfigError(f"data.offset must be >= 0, got {self.offset}")
+        if self.zsre_target not in ("answers", "alt"):
+            raise DataConfigError(f"data.zsre_target={self.zsre_target!r}: choose answers or alt")
+
+
+class DataConfigError(InputError):
+    """A ``data.*`` value that cannot work (named in the message)."""
+
+
+class RequestValidationError(InputError):
     """A bad edit-request record: says which file, record, case and field."""
 
     def __init__(self, message: str, *, file=None, index=None, case_id=None, field=None):
@@ -404,14 +431,7 @@ def load_requests(
     return reqs
 
 
-def load_requests_from_config(data_cfg) -> list[EditRequest]:
-    """Load requests from a ``data`` config group (path, format, num_edits, offset, skip_invalid)."""
-    get = (lambda k, d=None: data_cfg.get(k, d)) if hasattr(data_cfg, "get") else (lambda k, d=None: getattr(data_cfg, k, d))
-    return load_requests(
-        get("path"),
-        fmt=get("format", "auto") or "auto",
-        num_edits=get("num_edits"),
-        offset=get("offset", 0) or 0,
-        skip_invalid=bool(get("skip_invalid", False)),
-        zsre_target=get("zsre_target", "answers") or "answers",
-    )
+def load_requests_from_config(cfg: DataConfig) -> list[EditRequest]:
+    """Load requests as the ``data`` config group says (path, format, num_edits, offset, skip_invalid)."""
+    return load_requests(cfg.path, fmt=cfg.format, num_edits=cfg.num_edits, offset=cfg.offset,
+                         skip_invalid=cfg.skip_invalid, zsre_target=cfg.zsre_target)

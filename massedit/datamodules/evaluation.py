@@ -23,7 +23,7 @@ def detect_kind(requests: Sequence[Any], kind: str = "auto") -> str:
     if kind in ("counterfact", "zsre"):
         return kind
     if kind != "auto":
-        raise ValueError(f"unknown eval.dataset kind {kind!r}; choose counterfact, zsre or auto")
+        raise ValueError(f"eval.dataset={kind!r}: choose counterfact, zsre or auto")
     return "zsre" if requests and all(getattr(r, "loc", None) for r in requests) else "counterfact"
 
 
@@ -105,7 +105,11 @@ class EvaluationDataModule(pl.LightningDataModule):
                  len(self.requests), len(self.groups), n_branches, len(self.score_batches), len(self.gen_items))
 
     def _loader(self, items):
-        return DataLoader(_ListDataset(items), batch_size=None, shuffle=False, collate_fn=_identity, num_workers=0)
+        """This rank's share of ``items`` (round-robin; every batch on exactly one rank, no padding)."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DataLoader(_ListDataset(items[rank::world]), batch_size=None, shuffle=False, collate_fn=_identity,
+                          num_workers=0)
 
     def val_dataloader(self):
         loaders = [self._loader(self.score_batches)]

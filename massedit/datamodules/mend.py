@@ -4,7 +4,7 @@ One example = an edit (``edit_inner``: prompt -> target), its generalisation inp
 paraphrase -> the same target; the prompt itself when a request has no paraphrase) and an unrelated
 locality text (``loc``) whose output distribution must not move.
 
-* zsRE (MEND format): target = ``alt`` (``method.train.zsre_target``; the MEND qa setup edits to an
+* zsRE (MEND format): target = ``alt`` (``data.zsre_target``, ``data=zsre_train``; the MEND qa setup edits to an
   alternative answer), outer = ``rephrase``, locality = the ``loc`` NQ question + ``loc_ans`` of another
   record (the reference draws locality examples at random, disjoint from the edit).
 * CounterFact: target = ``target_new``, outer = a paraphrase prompt, locality = a neighbourhood prompt +
@@ -21,7 +21,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from massedit.data.requests import EditRequest, RequestValidationError, load_requests
+from massedit.data.requests import DataConfig, EditRequest, RequestValidationError, load_requests, load_requests_from_config
+from massedit.editing.mend.config import MendTrainConfig
 from massedit.editing.mend.factors import build_edit_batch, build_text_batch
 
 log = logging.getLogger(__name__)
@@ -100,23 +101,15 @@ class MendCollate:
         }
 
 
-def _get(cfg, key, default=None):
-    v = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if v is None else v
-
-
-def load_training_requests(data_cfg, train_cfg) -> tuple[list[EditRequest], list[EditRequest]]:
-    """Train / validation requests: ``data.path`` (all records unless ``data.num_edits``) and either
-    ``method.train.val_path`` or the last ``val_fraction`` of the training records."""
-    fmt = _get(data_cfg, "format", "auto")
-    zsre_target = _get(train_cfg, "zsre_target", "alt")
-    kw = dict(fmt=fmt, skip_invalid=bool(_get(data_cfg, "skip_invalid", False)), zsre_target=zsre_target)
-    reqs = load_requests(_get(data_cfg, "path"), num_edits=_get(data_cfg, "num_edits", None),
-                         offset=_get(data_cfg, "offset", 0), **kw)
-    val_path = _get(train_cfg, "val_path", None)
-    if val_path:
-        return reqs, load_requests(val_path, **kw)
-    n_val = max(2, int(round(len(reqs) * float(_get(train_cfg, "val_fraction", 0.1)))))
+def load_training_requests(data_cfg: DataConfig, train_cfg: MendTrainConfig) -> tuple[list[EditRequest], list[EditRequest]]:
+    """Train / validation requests: ``data.path`` (all records unless ``data.num_edits``; zsRE targets from
+    ``data.zsre_target``, ``alt`` for MEND's qa setup) and either ``method.train.val_path`` or the last
+    ``val_fraction`` of the training records."""
+    reqs = load_requests_from_config(data_cfg)
+    if train_cfg.val_path:
+        return reqs, load_requests(train_cfg.val_path, fmt=data_cfg.format, skip_invalid=data_cfg.skip_invalid,
+                                   zsre_target=data_cfg.zsre_target)
+    n_val = max(2, int(round(len(reqs) * float(train_cfg.val_fraction))))
     if len(reqs) - n_val < 2:
         raise ValueError(f"{len(reqs)} requests are too few to split off {n_val} for validation")
     return reqs[:-n_val], reqs[-n_val:]
@@ -139,13 +132,12 @@ class MendDataModule(pl.LightningDataModule):
         self.collate = MendCollate(tok, max_length, self.n_edits)
 
     @classmethod
-    def from_config(cls, cfg, tok) -> "MendDataModule":
-        t = cfg.method.train
-        train, val = load_training_requests(cfg.data, t)
-        log.info("MEND data: %d train / %d validation requests from %s", len(train), len(val), cfg.data.path)
-        return cls(tok, train, val, n_edits=int(_get(t, "n_edits", 1)), batch_problems=int(_get(t, "batch_problems", 1)),
-                   max_iters=int(_get(t, "max_iters", 1000)),
-                   val_size=int(_get(t, "val_size", 50)), max_length=_get(t, "max_length", 64), seed=int(_get(t, "seed", 0)))
+    def from_config(cls, data_cfg: DataConfig, train_cfg: MendTrainConfig, tok) -> "MendDataModule":
+        t = train_cfg
+        train, val = load_training_requests(data_cfg, t)
+        log.info("MEND data: %d train / %d validation requests from %s", len(train), len(val), data_cfg.path)
+        return cls(tok, train, val, n_edits=t.n_edits, batch_problems=t.batch_problems, max_iters=t.max_iters,
+                   val_size=t.val_size, max_length=t.max_length, seed=t.seed)
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)

@@ -3,7 +3,7 @@
 Both methods average keys and optimise targets over the edit prompt preceded by short texts sampled
 from the *unedited* model. ROME uses a flat list of 21 templates, MEMIT two groups
 ``[["{}"], [5 sampled]]`` (the grouping sets the key weights, §2.3). Sampling is the reference's
-top-k sampler (:func:`generate_fast`), **seeded** (the reference is not), and the templates are saved
+top-k sampler (:func:`massedit.core.sampling.generate_fast_ids`), **seeded** (the reference is not), and the templates are saved
 with every run and accepted back as input (``method.context_templates=FILE``).
 """
 from __future__ import annotations
@@ -16,59 +16,14 @@ from typing import Sequence
 import torch
 
 from massedit.core.io import atomic_write_json
+from massedit.core.sampling import generate_fast_ids
+from massedit.core.errors import InputError
 
 Templates = list[str] | list[list[str]]
 
 
-class TemplateError(ValueError):
+class TemplateError(InputError):
     pass
-
-
-# ------------------------------------------------------------------------------------- sampler
-@torch.no_grad()
-def generate_fast(model, tok, prompt_ids: Sequence[Sequence[int]], n_gen_per_prompt: int = 1, top_k: int = 5,
-                  max_out_len: int = 200, pad_id: int | None = None) -> list[list[int]]:
-    """The reference's ragged top-k sampler (REFERENCE_SPEC §6.4) on token ids; returns the full ids.
-
-    Rows are right-padded; decoding starts at the shortest prompt's length with a KV cache; each step
-    samples from the renormalised top-k of the last position's softmax (``torch.multinomial``, global
-    RNG); a row takes the sampled token only when its last real token sits right before the cursor;
-    the width never exceeds ``max_out_len``. Difference: the attention mask given with the cache covers
-    all positions (the reference passes only the current slice; identical when prompts have equal length).
-    """
-    device = next(model.parameters()).device
-    pad = pad_id if pad_id is not None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    rows = [list(p) for p in prompt_ids for _ in range(n_gen_per_prompt)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-    attn = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, device=device)
-        attn[i, : len(r)] = 1
-    b = len(rows)
-    past = None
-    start, stop = 0, int(attn.sum(1).min())
-    while input_ids.size(1) < max_out_len:
-        out = model(input_ids=input_ids[:, start:stop], attention_mask=attn[:, :stop], past_key_values=past, use_cache=True)
-        logits, past = out.logits, out.past_key_values
-        probs = torch.softmax(logits[:, -1, :].float(), dim=1)
-        tk = torch.topk(probs, top_k, dim=1).indices
-        p_top = torch.gather(probs, 1, tk)
-        p_top = p_top / p_top.sum(1)[:, None]
-        new_toks = torch.gather(tk, 1, torch.multinomial(p_top, 1))
-        if stop == input_ids.size(1):
-            attn = torch.cat([attn, attn.new_zeros(b, 1)], dim=1)
-            input_ids = torch.cat([input_ids, input_ids.new_full((b, 1), pad)], dim=1)
-        last = attn.sum(1) - 1
-        for i in range(b):
-            new_idx = int(last[i]) + 1
-            if new_idx != stop:
-                continue
-            if new_idx < max_out_len:
-                input_ids[i, new_idx] = new_toks[i, 0]
-                attn[i, new_idx] = 1
-        start, stop = stop, stop + 1
-    return [row.tolist() for row in input_ids.cpu()]
 
 
 def _clean(text: str, drop: Sequence[str]) -> str:
@@ -89,6 +44,10 @@ def _seed_ids(tok, seed_text: str) -> list[int]:
         if t is not None:
             return [t]
     raise TemplateError("tokenizer has neither a one-token seed text nor BOS/EOS to start sampling from")
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def _decode(tok, ids: list[int], drop_prefix: int) -> str:
@@ -116,7 +75,8 @@ def sample_rome_templates(model, tok, length_params=((5, 10), (10, 10)), seed: i
         start = _seed_ids(tok, seed_text)
         texts = []
         for length, n in length_params:
-            for ids in generate_fast(model, tok, [start], n_gen_per_prompt=int(n), max_out_len=int(length)):
+            for ids in generate_fast_ids(model, [start], pad_id=_pad_id(tok), n_gen_per_prompt=int(n),
+                                         max_out_len=int(length)):
                 t = _clean(_decode(tok, ids, 0), _special_strings(tok))
                 texts.append((_sanitize(t) if sanitize_braces else t) + ". {}")
     return ["{}"] + texts
@@ -131,8 +91,8 @@ def sample_memit_templates(model, tok, prompts=("The", "Therefore", "Because", "
             torch.manual_seed(seed)
         for length, n in length_params:
             prompt_ids = [tok(p)["input_ids"] for p in prompts]
-            outs = generate_fast(model, tok, prompt_ids, n_gen_per_prompt=max(1, int(n) // len(prompts)),
-                                 max_out_len=int(length))
+            outs = generate_fast_ids(model, prompt_ids, pad_id=_pad_id(tok),
+                                     n_gen_per_prompt=max(1, int(n) // len(prompts)), max_out_len=int(length))
             groups.append([_sanitize(_clean(tok.decode(ids), _special_strings(tok))) + ". {}" for ids in outs])
     return groups
 

@@ -2,8 +2,7 @@
 
 Plain torch: parameter selection (through the architecture adapter), the batch layout, the two losses,
 the L∞ projection of FT-L, the weight-decay rules and the optimiser. The Lightning glue that runs the
-loop (``Trainer.fit``) lives in :mod:`massedit.lightning_modules.ftw`; :class:`FTEditor` is the
-``edit.py`` entry point (registered as ``ft`` / ``ftl`` / ``ftw``).
+loop (``Trainer.fit``) and the ``Editor`` of ``method=ft|ftl|ftw`` live in :mod:`massedit.lightning_modules.ftw`.
 
 Decisions (see docs/readme/ftw.md):
 
@@ -25,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 
 from massedit.core.adapters import ArchAdapter, get_adapter
 from massedit.core.tokenization import encode, prepare_tokenizer, target_token_ids
+from massedit.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,72 +40,56 @@ LOSSES = ("bag_last_position", "autoregressive")
 PARAM_SETS = ("rewrite", "rewrite_all", "mlp", "mlp_in", "block")
 IGNORE_INDEX = -100
 
-# defaults of the ``method`` config group (configs/method/ftw.yaml mirrors these)
-DEFAULTS: dict[str, Any] = {
-    "name": "ftw",
-    "layers": None,              # null -> [round(0.75 * num_layers)] (GPT-J FT-W: layer 21 of 28)
-    "params": "rewrite",         # rewrite | rewrite_all | mlp | mlp_in | block
-    "param_names": [],           # explicit regexes over parameter names (override ``params``)
-    "loss": "bag_last_position", # bag_last_position (reference) | autoregressive
-    "lr": 5e-4,
-    "weight_decay": 0.0,
-    "wd_power_law": None,        # [a, b]: wd = N^a * e^b for N edits (reference: [-0.87028798, 0.15589562])
-    "decay_to": "init",          # init (decay the edit W - W0) | zero (plain AdamW)
-    "optimizer": "adamw",        # adamw (decoupled decay) | adam (reference: coupled L2)
-    "betas": [0.9, 0.999],
-    "eps": 1e-8,
-    "epochs": 25,                # reference "num_steps": passes over all requests
-    "max_steps": -1,             # optimiser-step cap (-1: none)
-    "batch_size": 64,
-    "shuffle": False,            # reference iterates the requests in order
-    "norm_constraint": None,     # float: FT-L, clamp to [W0 - eps, W0 + eps] after every batch
-    "skip_loss_below": 1e-2,     # reference: no step on a batch whose loss is below this
-    "stop_loss_below": 1e-2,     # reference: stop when the epoch-mean loss is below this
-    "dropout": False,            # false: keep the model in eval mode while training (reference)
-    "precision": None,           # null: trainer.precision, else derived from the model dtype
-    "grad_clip": None,
-    "seed": None,
-}
-
-
-class FTConfigError(ValueError):
+class FTConfigError(InputError):
     pass
 
 
-def method_options(method_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The FT options of a ``method`` config merged over :data:`DEFAULTS`, validated."""
-    from omegaconf import DictConfig, OmegaConf
+@dataclass
+class FTConfig:
+    """``method=ft|ftl|ftw`` (REFERENCE_SPEC §3): which weights to tune, the loss, the optimiser and the loop."""
 
-    if isinstance(method_cfg, DictConfig):
-        method_cfg = OmegaConf.to_container(method_cfg, resolve=True)
-    opts = dict(DEFAULTS)
-    opts.update({k: v for k, v in dict(method_cfg or {}).items()})
-    if opts["loss"] not in LOSSES:
-        raise FTConfigError(f"method.loss={opts['loss']!r}; choose one of {LOSSES}")
-    if opts["params"] not in PARAM_SETS:
-        raise FTConfigError(f"method.params={opts['params']!r}; choose one of {PARAM_SETS}")
-    if opts["decay_to"] not in ("init", "zero"):
-        raise FTConfigError(f"method.decay_to={opts['decay_to']!r}; choose init or zero")
-    if opts["optimizer"] not in ("adamw", "adam"):
-        raise FTConfigError(f"method.optimizer={opts['optimizer']!r}; choose adamw or adam")
-    wd = opts["weight_decay"]
-    if wd is False or wd is None:  # the reference JSON writes `false`
-        opts["weight_decay"] = 0.0
-    try:
-        opts["weight_decay"] = float(opts["weight_decay"])
-        opts["lr"] = float(opts["lr"])
-    except (TypeError, ValueError):
-        raise FTConfigError(f"method.lr / method.weight_decay must be numbers, got {opts['lr']!r} / {wd!r}") from None
-    if opts["weight_decay"] < 0 or opts["lr"] <= 0:
-        raise FTConfigError("method.weight_decay must be >= 0 and method.lr > 0")
-    nc = opts["norm_constraint"]
-    if nc is False:
-        opts["norm_constraint"] = None
-    elif nc is not None and float(nc) <= 0:
-        raise FTConfigError(f"method.norm_constraint must be a positive number or null, got {nc!r}")
-    if int(opts["batch_size"]) < 1:
-        raise FTConfigError("method.batch_size must be >= 1")
-    return opts
+    name: str = "ftw"
+    layers: list[int] | None = None     # layer indices (negative = from the end); null -> [round(0.75 * num_layers)]
+    params: str = "rewrite"             # rewrite (down-proj weight) | rewrite_all (+bias) | mlp | mlp_in | block
+    param_names: list[str] = field(default_factory=list)  # regexes over parameter names (override layers/params)
+    loss: str = "bag_last_position"     # bag_last_position (reference [QUIRK] §3.1) | autoregressive (teacher forced)
+    lr: float = 5e-4
+    weight_decay: float = 0.0           # decoupled (AdamW), on the tuned weights only
+    wd_power_law: list[float] | None = None  # [a, b]: wd = N^a * e^b for N edits (reference: [-0.87028798, 0.15589562])
+    decay_to: str = "init"              # init: W <- W - lr*wd*(W - W0) (decays the edit) | zero: plain AdamW
+    optimizer: str = "adamw"            # adamw (decoupled decay) | adam (reference: Adam with coupled L2)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    epochs: int = 25                    # reference num_steps: passes over all requests
+    max_steps: int = -1                 # optimiser-step cap (-1: none)
+    batch_size: int = 64
+    shuffle: bool = False               # the reference iterates the requests in order
+    norm_constraint: float | None = None  # FT-L: clamp to [W0 - eps, W0 + eps] after every batch
+    skip_loss_below: float = 1e-2       # reference: no step on a batch whose loss is below this
+    stop_loss_below: float = 1e-2       # reference: stop when the epoch-mean loss is below this
+    dropout: bool = False               # false: keep the model in eval mode while training (reference)
+    grad_clip: float | None = None
+    seed: int | None = None             # shuffle seed
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise FTConfigError(f"method.loss={self.loss!r}; choose one of {LOSSES}")
+        if self.params not in PARAM_SETS:
+            raise FTConfigError(f"method.params={self.params!r}; choose one of {PARAM_SETS}")
+        if self.decay_to not in ("init", "zero"):
+            raise FTConfigError(f"method.decay_to={self.decay_to!r}; choose init or zero")
+        if self.optimizer not in ("adamw", "adam"):
+            raise FTConfigError(f"method.optimizer={self.optimizer!r}; choose adamw or adam")
+        if not float(self.lr) > 0 or float(self.weight_decay) < 0:
+            raise FTConfigError(f"method.lr must be > 0 and method.weight_decay >= 0, got {self.lr} / {self.weight_decay}")
+        if self.norm_constraint is not None and not float(self.norm_constraint) > 0:
+            raise FTConfigError(f"method.norm_constraint must be a positive number or null, got {self.norm_constraint!r}")
+        if int(self.batch_size) < 1 or int(self.epochs) < 1:
+            raise FTConfigError("method.batch_size and method.epochs must be >= 1")
+        if self.wd_power_law is not None and len(self.wd_power_law) != 2:
+            raise FTConfigError(f"method.wd_power_law must be [a, b] or null, got {self.wd_power_law!r}")
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -283,13 +268,12 @@ def power_law_weight_decay(num_edits: int, a: float = -0.87028798, b: float = 0.
     return float(num_edits) ** a * math.exp(b)
 
 
-def effective_weight_decay(opts: Mapping[str, Any], num_edits: int) -> float:
+def effective_weight_decay(cfg: FTConfig, num_edits: int) -> float:
     """``weight_decay``, or the power law of ``wd_power_law: [a, b]`` when given (§3.2)."""
-    pl = opts.get("wd_power_law")
-    if pl:
-        a, b = (float(x) for x in pl)
+    if cfg.wd_power_law:
+        a, b = (float(x) for x in cfg.wd_power_law)
         return power_law_weight_decay(num_edits, a, b)
-    return float(opts.get("weight_decay") or 0.0)
+    return float(cfg.weight_decay)
 
 
 class AnchoredAdamW(torch.optim.AdamW):
@@ -332,43 +316,12 @@ class AnchoredAdamW(torch.optim.AdamW):
 
 
 def make_optimizer(params: Mapping[str, nn.Parameter], originals: Mapping[str, torch.Tensor] | None,
-                   opts: Mapping[str, Any], weight_decay: float) -> torch.optim.Optimizer:
+                   cfg: FTConfig, weight_decay: float) -> torch.optim.Optimizer:
     """Optimiser over the tuned parameters only (REFERENCE_SPEC §3.1/§3.2 decisions, module docstring)."""
     plist = list(params.values())
-    betas = tuple(float(b) for b in opts.get("betas", (0.9, 0.999)))
-    eps = float(opts.get("eps", 1e-8))
-    lr = float(opts["lr"])
-    if opts.get("optimizer", "adamw") == "adam":  # reference: coupled L2 towards zero
+    betas = tuple(float(b) for b in cfg.betas)
+    eps, lr = float(cfg.eps), float(cfg.lr)
+    if cfg.optimizer == "adam":  # reference: coupled L2 towards zero
         return torch.optim.Adam(plist, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-    anchors = [originals[n] for n in params] if opts.get("decay_to", "init") == "init" else None
+    anchors = [originals[n] for n in params] if cfg.decay_to == "init" else None
     return AnchoredAdamW(plist, anchors=anchors, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-
-
-# ------------------------------------------------------------------------------------------ editor
-def _method_cfg(cfg):
-    return cfg.method if hasattr(cfg, "method") or (isinstance(cfg, Mapping) and "method" in cfg) else cfg
-
-
-class FTEditor:
-    """``edit.py method=ft|ftl|ftw``: fine-tune on the requests with Lightning, return ``W − W₀``.
-
-    The model is left exactly as found (weights restored bit-identically, ``requires_grad`` flags and
-    train/eval mode restored).
-    """
-
-    def __init__(self, cfg, run=None):
-        self.cfg = cfg
-        self.run = run
-        self.opts = method_options(_method_cfg(cfg))
-        self.last_result = None
-
-    def edit(self, model: nn.Module, tok, requests: Sequence) -> dict[str, torch.Tensor]:
-        from massedit.lightning_modules.ftw import fit_ft, trainer_options
-
-        if not requests:
-            raise ValueError("no edit requests")
-        tcfg = trainer_options(self.cfg)
-        logger = getattr(self.run, "logger", None) if self.run is not None else None
-        result = fit_ft(model, tok, requests, self.opts, trainer_cfg=tcfg, logger=logger)
-        self.last_result = result
-        return result.deltas

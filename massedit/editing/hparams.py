@@ -1,9 +1,12 @@
-"""Hyper-parameters of ROME and MEMIT (REFERENCE_SPEC §1.5, §2.5), readable from the reference's own
-hparams JSON files and from massedit YAML files under ``configs/hparams/{rome,memit}/``.
+"""Hyper-parameters of ROME and MEMIT (REFERENCE_SPEC §1.5, §2.5) and the ``method`` configs of the two editors.
 
-One dataclass serves both methods (the reference's two formats overlap almost fully). Fields that the
-reference does not have are massedit switches; each documents the reference behaviour it keeps or
-changes (REFERENCE_SPEC §9).
+:class:`EditHparams` holds what the equations read (one dataclass for both methods: the reference's two formats
+overlap almost fully); :class:`RomeConfig` / :class:`MemitConfig` add the editor options (hparams file, context
+templates, z cache) and are the typed schema of ``method=rome`` / ``method=memit``. Their defaults are the
+reference's GPT-2 XL values; per-model values live in ``configs/hparams/<method>/<model>.yaml`` (or a reference
+hparams JSON), which the config composer merges under the command-line overrides
+(:func:`massedit.tasks.config.compose`). Fields that the reference does not have are massedit switches; each
+documents the reference behaviour it keeps or changes (REFERENCE_SPEC §9).
 """
 from __future__ import annotations
 
@@ -13,20 +16,23 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from massedit.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
-# Reference keys that name modules; massedit finds modules through the architecture adapter, so these
-# are accepted (for loading reference files verbatim) and kept for information only.
+# Reference keys that name modules; massedit finds modules through the architecture adapter, so these are
+# accepted when reading a reference file verbatim and not used.
 REFERENCE_MODULE_KEYS = (
-    "rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
-    "lm_head_module",
+    "rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module",
 )
 # Reference keys that exist but have no effect in the reference either (REFERENCE_SPEC §2.1).
 REFERENCE_UNUSED_KEYS = ("layer_selection",)
+# Reference keys that configure the second-moment statistics: they belong to the ``stats`` group and are
+# translated into it when a reference file is read (:func:`read_hparams_file`).
+REFERENCE_STATS_KEYS = ("mom2_dataset", "mom2_n_samples", "mom2_dtype")
 
 
-class HparamsError(ValueError):
+class HparamsError(InputError):
     pass
 
 
@@ -34,7 +40,7 @@ class HparamsError(ValueError):
 class EditHparams:
     """ROME / MEMIT hyper-parameters (reference names; massedit additions at the end)."""
 
-    layers: list[int]
+    layers: list[int] = field(default_factory=list)
     fact_token: str = "subject_last"
     v_num_grad_steps: int = 20           # forwards per target optimisation; at most n-1 Adam steps
     v_lr: float = 0.5
@@ -45,9 +51,6 @@ class EditHparams:
     mom2_adjustment: bool = True         # ROME: use C^-1 in the key direction
     mom2_update_weight: float = 15000.0  # MEMIT lambda
     context_template_length_params: list = field(default_factory=lambda: [[5, 10], [10, 10]])  # ROME
-    mom2_dataset: str = "wikipedia"      # informational: the statistics provider uses cfg.stats
-    mom2_n_samples: int = 100000
-    mom2_dtype: str = "float32"
     # ---------------------------------------------------------------- massedit additions
     memit_template_prompts: list = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     memit_template_length_params: list = field(default_factory=lambda: [[10, 5]])  # [max_out_len, n_gen]
@@ -63,30 +66,56 @@ class EditHparams:
     #                                      "string": the reference's prompt + decode(target[:-1]) re-tokenized
     weight_decay_form: str = "norm"      # "norm": wd*|d|/|v0|^2 (reference); "squared": wd*|d|^2/|v0|^2
     rome_sequential: bool = True         # ROME: each request on the model carrying the previous edits
-    module_templates: dict = field(default_factory=dict)  # reference *_tmp keys, informational
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         if isinstance(self.layers, int):
             self.layers = [self.layers]
         self.layers = [int(x) for x in self.layers]
-        if not self.layers:
-            raise HparamsError("hparams field 'layers': at least one layer is required")
+        self.validate_values()
+
+    def validate_values(self) -> None:
+        """Range/choice checks (the layer list may still be empty here: see :meth:`validate`)."""
         if self.teacher_forcing not in ("ids", "string"):
             raise HparamsError(f"hparams field 'teacher_forcing' must be 'ids' or 'string', got {self.teacher_forcing!r}")
         if self.weight_decay_form not in ("norm", "squared"):
             raise HparamsError(f"hparams field 'weight_decay_form' must be 'norm' or 'squared', got {self.weight_decay_form!r}")
-        if self.v_num_grad_steps < 1:
+        if self.fact_token not in ("subject_last", "subject_first", "last", "subject_first_after_last"):
+            raise HparamsError(f"hparams field 'fact_token'={self.fact_token!r}: choose subject_last, subject_first, "
+                               f"subject_first_after_last or last")
+        if int(self.v_num_grad_steps) < 1:
             raise HparamsError("hparams field 'v_num_grad_steps' must be >= 1")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise HparamsError("hparams field 'batch_size' must be >= 1 or null")
+        if int(self.targets_max_tokens) < 1:
+            raise HparamsError("hparams field 'targets_max_tokens' must be >= 1")
+        for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):
+            if not float(getattr(self, name)) > 0:
+                raise HparamsError(f"hparams field {name!r} must be > 0, got {getattr(self, name)}")
+        for name in ("v_weight_decay", "kl_factor", "early_stop_loss"):
+            if float(getattr(self, name)) < 0:
+                raise HparamsError(f"hparams field {name!r} must be >= 0, got {getattr(self, name)}")
+        if self.kl_prompt.count("{}") != 1:
+            raise HparamsError(f"hparams field 'kl_prompt' must contain exactly one '{{}}', got {self.kl_prompt!r}")
+
+    def validate(self, num_layers: int | None = None) -> "EditHparams":
+        """Full check before editing: at least one layer, each inside the model (when ``num_layers`` is known)."""
+        if not self.layers:
+            raise HparamsError("hparams field 'layers': at least one layer is required")
+        if num_layers is not None:
+            bad = [l for l in self.layers if not 0 <= l < num_layers]
+            if bad:
+                raise HparamsError(f"hparams field 'layers': {bad} outside the model's {num_layers} layers (0..{num_layers - 1})")
+            if self.v_loss_layer is not None and not 0 <= int(self.v_loss_layer) < num_layers:
+                raise HparamsError(f"hparams field 'v_loss_layer'={self.v_loss_layer} outside the model's {num_layers} layers")
+        return self
 
     @property
     def z_layer(self) -> int:
         return max(self.layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(EditHparams)}
 
     def z_key(self) -> dict[str, Any]:
         """The fields a target vector depends on (for cache keys)."""
@@ -100,96 +129,86 @@ class EditHparams:
         return dataclasses.replace(self, **kw)
 
 
+@dataclass
+class RomeMemitOptions:
+    """Editor options shared by ROME and MEMIT (not read by the equations)."""
+
+    hparams: str = "auto"                # auto (hparams/<method>/<model.name>.yaml) | a name there | a file path
+    context_templates: str | None = None  # null: sampled once (seeded) from the unedited model; or a JSON file
+    template_seed: int = 0               # torch seed for sampling the templates (the reference does not seed)
+    z_cache: bool = True                 # cache every request's target vector on disk (resume without recomputing)
+    z_cache_dir: str | None = None       # default: $MASSEDIT_CACHE/targets (~/.cache/massedit/targets)
+
+
+@dataclass
+class RomeConfig(EditHparams, RomeMemitOptions):
+    """``method=rome`` (REFERENCE_SPEC §1): sequential rank-one edits of one MLP layer."""
+
+    name: str = "rome"
+    z_cache: bool = False                # ROME's v* depend on the previous edits (sequential): no cache by default
+
+
+@dataclass
+class MemitConfig(EditHparams, RomeMemitOptions):
+    """``method=memit`` (REFERENCE_SPEC §2): one batched least-squares update spread over ``layers``."""
+
+    name: str = "memit"
+    v_num_grad_steps: int = 20
+    clamp_norm_factor: float = 0.75
+    mom2_update_weight: float = 20000.0
+
+
 FIELD_NAMES = {f.name for f in dataclasses.fields(EditHparams)}
 
 
 def hparams_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> EditHparams:
     """Build :class:`EditHparams` from a reference-format or massedit mapping; unknown keys are errors."""
-    d = dict(d)
-    module_templates = dict(d.pop("module_templates", {}) or {})
-    for k in REFERENCE_MODULE_KEYS:
-        if k in d:
-            module_templates[k] = d.pop(k)
-    for k in REFERENCE_UNUSED_KEYS:
-        d.pop(k, None)
+    d = {k: v for k, v in dict(d).items()
+         if k not in REFERENCE_MODULE_KEYS + REFERENCE_UNUSED_KEYS + REFERENCE_STATS_KEYS}
     unknown = sorted(set(d) - FIELD_NAMES)
     if unknown:
         raise HparamsError(f"{source}: unknown hparams key(s) {unknown}; valid keys: {sorted(FIELD_NAMES)}")
-    if "layers" not in d:
-        raise HparamsError(f"{source}: missing hparams key 'layers'")
     try:
-        return EditHparams(module_templates=module_templates, **d)
+        return EditHparams(**d).validate()
     except TypeError as e:
         raise HparamsError(f"{source}: {e}") from None
 
 
-def load_hparams_file(path: str | Path) -> EditHparams:
-    """Read a reference hparams JSON (``hparams/MEMIT/gpt2-xl.json`` style) or a massedit YAML file."""
+def read_hparams_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(hparams values, stats values)`` of a reference hparams JSON (``hparams/MEMIT/gpt2-xl.json`` style) or a
+    massedit YAML file. Module-name keys are dropped (the architecture adapter finds the modules); the
+    reference's statistics keys become ``stats`` values: ``mom2_n_samples`` -> ``n_samples`` (documents, with
+    ``n_tokens: null``), ``mom2_dtype`` -> ``dtype``; ``mom2_dataset`` names the reference's corpus, which
+    ``stats.corpus`` replaces (logged)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise HparamsError(f"hparams file not found: {path}")
-    if path.suffix == ".json":
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    else:
-        from omegaconf import OmegaConf
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            from omegaconf import OmegaConf
 
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:
+        raise HparamsError(f"{path}: cannot parse ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise HparamsError(f"{path}: expected a mapping of hparams")
-    return hparams_from_dict(data, source=str(path))
+    stats: dict[str, Any] = {}
+    if "mom2_n_samples" in data:
+        stats.update(n_samples=int(data["mom2_n_samples"]), n_tokens=None)
+    if "mom2_dtype" in data:
+        stats["dtype"] = str(data["mom2_dtype"])
+    if "mom2_dataset" in data:
+        log.info("%s: the reference's statistics corpus %r is replaced by stats.corpus", path, data["mom2_dataset"])
+    hp = {k: v for k, v in data.items() if k not in REFERENCE_MODULE_KEYS + REFERENCE_UNUSED_KEYS + REFERENCE_STATS_KEYS}
+    unknown = sorted(set(hp) - FIELD_NAMES)
+    if unknown:
+        raise HparamsError(f"{path}: unknown hparams key(s) {unknown}; valid keys: {sorted(FIELD_NAMES)}")
+    return hp, stats
 
 
-def hparams_dir() -> Path:
-    from massedit.config import CONFIG_DIR
-
-    return Path(CONFIG_DIR) / "hparams"
-
-
-def resolve_hparams_path(spec: str, method: str, model_name: str | None) -> Path:
-    """``auto`` -> ``configs/hparams/<method>/<model name>.yaml``; a bare name -> that file; else a path."""
-    base = hparams_dir() / method
-    if spec in (None, "", "auto"):
-        if not model_name:
-            raise HparamsError(f"method.hparams=auto needs cfg.model.name; choose one of {available_hparams(method)}")
-        name = str(model_name).rstrip("/").split("/")[-1].lower()
-        cand = base / f"{name}.yaml"
-        if not cand.exists():
-            raise HparamsError(
-                f"no {method} hparams for model {model_name!r} (looked for {cand}); pass method.hparams=NAME "
-                f"(one of {available_hparams(method)}) or a path to a reference JSON / YAML file"
-            )
-        return cand
-    p = Path(spec)
-    if p.exists():
-        return p
-    for ext in (".yaml", ".json"):
-        cand = base / f"{spec}{ext}"
-        if cand.exists():
-            return cand
-    raise HparamsError(f"hparams {spec!r} not found (not a file, not one of {available_hparams(method)})")
-
-
-def available_hparams(method: str) -> list[str]:
-    base = hparams_dir() / method
-    return sorted(p.stem for p in base.glob("*.yaml")) if base.exists() else []
-
-
-def hparams_from_config(method_cfg: Any, model_cfg: Any = None) -> EditHparams:
-    """Hparams for ``cfg.method``: the file named by ``method.hparams`` then every non-null hparams key
-    set directly on ``method`` (so ``method.layers=[3,4,5]`` overrides the file)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    mc = OmegaConf.to_container(method_cfg, resolve=True) if isinstance(method_cfg, DictConfig) else dict(method_cfg)
-    method = str(mc.get("name", "memit"))
-    model_name = None
-    if model_cfg is not None:
-        get = model_cfg.get if hasattr(model_cfg, "get") else (lambda k, d=None: getattr(model_cfg, k, d))
-        model_name = get("name") or get("name_or_path")
-    path = resolve_hparams_path(mc.get("hparams", "auto"), method, model_name)
-    hp = load_hparams_file(path)
-    over = {k: v for k, v in mc.items() if k in FIELD_NAMES and v is not None}
-    if over:
-        hp = hparams_from_dict({**hp.to_dict(), **over}, source=f"{path} + method overrides")
-    log.info("%s hparams from %s%s", method, path, f" with overrides {over}" if over else "")
-    return hp
+def load_hparams_file(path: str | Path) -> EditHparams:
+    """:class:`EditHparams` of a reference hparams JSON or a massedit YAML file (see :func:`read_hparams_file`)."""
+    hp, _ = read_hparams_file(path)
+    return hparams_from_dict(hp, source=str(path))

@@ -27,7 +27,8 @@ from massedit.core.models import model_fingerprint
 from massedit.editing.context_templates import as_groups, flatten
 from massedit.editing.hparams import EditHparams
 from massedit.editing.keys import bare_prompt_io, memit_keys
-from massedit.editing.romemit_common import RomeMemitEditorBase, TargetCache
+from massedit.editing.editor import RomeMemitEditor
+from massedit.editing.target_cache import TargetCache
 from massedit.editing.targets import TargetResult, build_target_problem, optimise_targets, summarize_results
 
 log = logging.getLogger(__name__)
@@ -151,14 +152,14 @@ def apply_memit(model, tok, requests, hp: EditHparams, template_groups, C_by_lay
     return deltas, {"batches": inters}
 
 
-class MemitEditor(RomeMemitEditorBase):
-    """``MemitEditor(cfg, run).edit(model, tok, requests) -> deltas`` (model left as found)."""
+class MemitEditor(RomeMemitEditor):
+    """``MemitEditor(hparams, stats).edit(model, tok, requests) -> deltas`` (model left as found)."""
 
     method = "memit"
 
     def edit(self, model, tok, requests) -> Deltas:
         t0 = time.time()
-        hp = self.hparams
+        hp = self.hparams.validate(get_adapter(model).num_layers)
         groups = as_groups(self.get_context_templates(model, tok))
         C = self.get_stats(model, tok, hp.layers)
         deltas, inter = apply_memit(model, tok, list(requests), hp, groups, C, cache=self.cache, progress=self.progress)
@@ -173,5 +174,4 @@ class MemitEditor(RomeMemitEditorBase):
             "batch_size": hp.batch_size, "n_templates": len(flatten(groups)), "targets": summarize_results(tr),
             "seconds": round(time.time() - t0, 2), "delta_norms": {k: float(v.norm()) for k, v in deltas.items()},
         })
-        self.save_info()
         return deltas

@@ -20,7 +20,7 @@ from massedit.core.deltas import Deltas
 from massedit.editing.context_templates import flatten
 from massedit.editing.hparams import EditHparams
 from massedit.editing.keys import bare_prompt_io, rome_key
-from massedit.editing.romemit_common import RomeMemitEditorBase
+from massedit.editing.editor import RomeMemitEditor
 from massedit.editing.targets import build_target_problem, optimise_targets
 
 log = logging.getLogger(__name__)
@@ -127,14 +127,14 @@ def apply_rome(model, tok, requests, hp: EditHparams, templates: Sequence[str], 
     return deltas, inters
 
 
-class RomeEditor(RomeMemitEditorBase):
-    """``RomeEditor(cfg, run).edit(model, tok, requests) -> deltas`` (model left as found)."""
+class RomeEditor(RomeMemitEditor):
+    """``RomeEditor(hparams, stats).edit(model, tok, requests) -> deltas`` (model left as found)."""
 
     method = "rome"
 
     def edit(self, model, tok, requests) -> Deltas:
         t0 = time.time()
-        hp = self.hparams
+        hp = self.hparams.validate(get_adapter(model).num_layers)
         templates = flatten(self.get_context_templates(model, tok))
         C = self.get_stats(model, tok, hp.layers) if hp.mom2_adjustment else None
         deltas, inters = apply_rome(model, tok, list(requests), hp, templates, C, progress=self.progress)
@@ -146,5 +146,4 @@ class RomeEditor(RomeMemitEditorBase):
             "seconds": round(time.time() - t0, 2),
             "delta_norms": {k: float(v.norm()) for k, v in deltas.items()},
         })
-        self.save_info()
         return deltas

@@ -1,5 +1,5 @@
-"""Reports: ``per_case.jsonl``, ``summary.json``, a rich table in the terminal, a Markdown table (README format)
-and the experiment logger (W&B summary + per-case table; any Lightning logger's ``log_metrics``)."""
+"""Reports: ``per_case.jsonl``, ``summary.json``, a rich table in the terminal and a Markdown table (README format).
+Logging the same numbers to the experiment logger is the task's job (``massedit.tasks.runs.Run.log_evaluation``)."""
 from __future__ import annotations
 
 import logging
@@ -24,12 +24,6 @@ def _fmt(v, ci=None) -> str:
     if ci is not None:
         s += f" (±{ci:.1f})"
     return s
-
-
-def _rank_zero() -> bool:
-    from massedit.evaluation.api import is_global_zero
-
-    return is_global_zero()
 
 
 def summary_dict(pre, post) -> dict[str, Any]:
@@ -105,57 +99,15 @@ def per_case_rows(pre, post) -> list[dict[str, Any]]:
     return rows
 
 
-def log_to_logger(logger, pre, post, summary: dict[str, Any]) -> None:
-    """W&B (Lightning ``WandbLogger``): run summary ``{stage}/{metric}`` and a per-case ``wandb.Table``; other
-    Lightning loggers (CSV, ...): ``log_metrics`` of the same numbers."""
-    flat = {}
-    for name, d in summary["metrics"].items():
-        for stage in ("pre", "post"):
-            if d[stage] is not None:
-                flat[f"eval/{stage}/{name}"] = float(d[stage])
-            if d["ci"][stage] is not None:
-                flat[f"eval/{stage}/{name}_ci"] = float(d["ci"][stage])
-    exp = None
-    try:
-        from pytorch_lightning.loggers import WandbLogger
-
-        if isinstance(logger, WandbLogger):
-            exp = logger.experiment
-    except ImportError:  # pragma: no cover
-        pass
-    if exp is not None and hasattr(exp, "summary"):
-        import wandb
-
-        for k, v in flat.items():
-            exp.summary[k] = v
-        exp.summary["eval/metrics_version"] = METRICS_VERSION
-        names = [n for n in (post or pre).summary if n != "score"]
-        columns = ["case_id", "stage"] + names
-        table = wandb.Table(columns=columns)
-        for stage, res in (("pre", pre), ("post", post)):
-            if res is None:
-                continue
-            for c in res.per_case:
-                table.add_data(str(c["case_id"]), stage, *[c.get(n) for n in names])
-        exp.log({"eval/per_case": table, **flat})
-        return
-    if hasattr(logger, "log_metrics"):
-        logger.log_metrics(flat)
-        if hasattr(logger, "save"):
-            logger.save()
-
-
-def write_report(pre, post, out_dir: Path, logger=None, title: str = "") -> str:
-    """Write ``per_case.jsonl`` and ``summary.json`` to ``out_dir``, print a rich table, log to ``logger`` (W&B /
-    CSV / None) and return the Markdown table. In DDP only rank 0 writes and logs (all ranks return the table)."""
+def write_report(pre, post, out_dir: Path, title: str = "", print_table: bool = True) -> str:
+    """Write ``per_case.jsonl``, ``summary.json`` and ``summary.md`` to ``out_dir``, print a rich table and return the
+    Markdown table. The caller decides who writes (rank 0 only, in DDP)."""
     if pre is None and post is None:
         raise ValueError("write_report: nothing to report (pre and post are both None)")
     for a, b in ((pre, post),):
         if a is not None and b is not None and len(a.per_case) != len(b.per_case):
             raise ValueError("write_report: pre and post cover different numbers of cases")
     md = markdown_table(pre, post, title)
-    if not _rank_zero():
-        return md
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summary_dict(pre, post)
@@ -164,10 +116,6 @@ def write_report(pre, post, out_dir: Path, logger=None, title: str = "") -> str:
     from massedit.core.io import atomic_write_text
 
     atomic_write_text(out_dir / "summary.md", md)
-    print_rich_table(pre, post, title)
-    if logger is not None:
-        try:
-            log_to_logger(logger, pre, post, summary)
-        except Exception as e:  # a logging failure must not lose a finished evaluation (files are written)
-            log.warning("could not log evaluation to %s: %s", type(logger).__name__, e)
+    if print_table:
+        print_rich_table(pre, post, title)
     return md

@@ -154,7 +154,7 @@ class ConsistencyScorer:
             except (KeyError, TypeError) as e:
                 raise ValueError(f"{snippets_path}, record {i}: expected {{relation_id, target_id, samples:[{{name, text}}]}} ({e})") from None
         vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8")) if vocab_path else None
-        idf = np.load(idf_path) if idf_path else None
+        idf = np.load(idf_path, allow_pickle=False) if idf_path else None
         if (vocab is None) != (idf is None):
             raise ValueError("eval.consistency: give both idf and tfidf_vocab, or neither (then the vectorizer is refit on the snippets)")
         all_texts = [t for ts in self.snippets.values() for t in ts]
@@ -165,3 +165,22 @@ class ConsistencyScorer:
         if not ref:
             return math.nan
         return tfidf_similarity(" ".join(texts), " ".join(ref), self.vec)
+
+
+_SCORERS: dict[tuple, ConsistencyScorer] = {}
+
+
+def consistency_scorer(files, backend: str = "auto") -> ConsistencyScorer | None:
+    """The scorer for ``eval.consistency`` files (loaded once per process), or ``None`` (consistency not computed)."""
+    if not files.attribute_snippets:
+        return None
+    key = (str(files.attribute_snippets), str(files.idf), str(files.tfidf_vocab), backend)
+    if key not in _SCORERS:
+        for name in ("attribute_snippets", "idf", "tfidf_vocab"):
+            value = getattr(files, name)
+            if value and not Path(value).expanduser().is_file():
+                raise FileNotFoundError(f"eval.consistency.{name}: file not found: {value}")
+        _SCORERS[key] = ConsistencyScorer(Path(files.attribute_snippets).expanduser(),
+                                          Path(files.idf).expanduser() if files.idf else None,
+                                          Path(files.tfidf_vocab).expanduser() if files.tfidf_vocab else None, backend)
+    return _SCORERS[key]

@@ -77,9 +77,6 @@ class SecondMomentModule(pl.LightningModule):
             self._hook(self.state)
         return torch.tensor(n)
 
-    def validation_step(self, batch, batch_idx):  # same accumulation when run via Trainer.validate
-        return self.predict_step(batch, batch_idx)
-
     # ------------------------------------------------------------------ reduce + write
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         trainer = self._trainer
@@ -105,8 +102,22 @@ class SecondMomentModule(pl.LightningModule):
         if self._trainer is not None:
             self._trainer.strategy.barrier("massedit_stats_written")
 
-    def on_validation_epoch_end(self) -> None:
-        self.on_predict_epoch_end()
 
-    def on_validation_start(self) -> None:
-        self.on_predict_start()
+class LightningStatsEngine:
+    """Collects a :class:`~massedit.stats.collect.CollectionJob` with a Lightning Trainer's ``predict`` (the job's
+    own Trainer: same devices and ranks as everything else); each rank accumulates its round-robin shard."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    @property
+    def world_size(self) -> int:
+        return int(self.trainer.world_size)
+
+    def __call__(self, model: torch.nn.Module, job) -> None:
+        from massedit.datamodules.corpus import CorpusDataModule
+        from massedit.trainer import keep_device, quiet_lightning
+
+        with quiet_lightning(), keep_device(model):
+            self.trainer.predict(SecondMomentModule(model, job), datamodule=CorpusDataModule(job.token_batches),
+                                 return_predictions=False)

@@ -5,15 +5,13 @@ Order of sources for each requested layer:
 1. ``stats.reference_dir`` set: the reference implementation's npz file for that module (logged);
 2. the content-addressed cache (``massedit.stats.cache``): a hit costs no forward pass;
 3. otherwise collection — all missing layers in one forward pass per batch that stops after the highest
-   of them, on Lightning (``stats.engine=lightning``: a LightningModule run by ``Trainer.predict``; with
-   ``stats.devices>1`` every rank accumulates its shard and the sums are all-reduced) or in plain torch
-   (``stats.engine=torch``). Partial sums are checkpointed atomically every ``stats.checkpoint_every``
-   batches and every ``stats.checkpoint_seconds`` seconds, so a killed collection resumes where its last
-   checkpoint left off.
+   of them, by an *engine*: the plain-torch loop here (:func:`run_torch_collection`, the default) or the job's
+   Lightning Trainer (``massedit.lightning_modules.stats.LightningStatsEngine``: ``Trainer.predict``, every rank
+   accumulates its shard and the sums are all-reduced). Partial sums are checkpointed atomically every
+   ``stats.checkpoint_every`` batches and every ``stats.checkpoint_seconds`` seconds, so a killed collection
+   resumes where its last checkpoint left off.
 """
 from __future__ import annotations
-
-from massedit.lightning_utils import keep_device, quiet_lightning
 
 import logging
 import shutil
@@ -21,13 +19,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
 from massedit.core.adapters import get_adapter
 from massedit.core.io import atomic_torch_save, stable_hash
-from massedit.datamodules.corpus import (Corpus, CorpusSpec, TokenBatches, build_token_batches, load_corpus)
+from massedit.data.corpus import Corpus, CorpusSpec, TokenBatches, build_token_batches, load_corpus
 from massedit.stats import cache as cache_mod
 from massedit.stats.config import StatsConfig, StatsConfigError
 from massedit.stats.moments import MomentState, Progress, collect_second_moments, second_moment
@@ -155,39 +153,21 @@ def run_torch_collection(model: torch.nn.Module, job: CollectionJob) -> MomentSt
     return state
 
 
-def _lightning_devices(model: torch.nn.Module, s: StatsConfig) -> tuple[str, Any, str]:
-    device = next(model.parameters()).device
-    accelerator = s.accelerator or "auto"
-    devices = s.devices if s.devices is not None else 1
-    if accelerator == "auto":
-        accelerator = "gpu" if device.type == "cuda" else ("mps" if device.type == "mps" else "cpu")
-    if devices in (1, "1") and device.type == "cuda" and device.index is not None:
-        devices = [device.index]
-    strategy = s.strategy or "auto"
-    if strategy == "auto" and devices not in (1, "1") and not isinstance(devices, list):
-        strategy = "ddp_fork" if accelerator == "cpu" else "ddp"
-    return accelerator, devices, strategy
+class CollectionEngine(Protocol):
+    """Runs a :class:`CollectionJob` over ``model`` and writes its results to ``job.result_paths``."""
+
+    world_size: int
+
+    def __call__(self, model: torch.nn.Module, job: CollectionJob) -> Any: ...
 
 
-def run_lightning_collection(model: torch.nn.Module, job: CollectionJob, s: StatsConfig) -> None:
-    """Lightning engine: ``Trainer.predict`` over :class:`CorpusDataModule`; each rank accumulates its shard,
-    sums are all-reduced at the end and rank 0 writes them to ``job.result_paths``."""
-    import pytorch_lightning as pl
+class TorchEngine:
+    """The plain-torch engine (one process)."""
 
-    from massedit.datamodules.corpus import CorpusDataModule
-    from massedit.lightning_modules.stats import SecondMomentModule
+    world_size = 1
 
-    accelerator, devices, strategy = _lightning_devices(model, s)
-    with quiet_lightning(), keep_device(model):
-        trainer = pl.Trainer(
-            accelerator=accelerator, devices=devices, strategy=strategy, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, inference_mode=True,
-            num_nodes=1,
-        )
-        module = SecondMomentModule(model, job)
-        trainer.predict(module, datamodule=CorpusDataModule(job.token_batches, s.num_workers), return_predictions=False)
-
-
+    def __call__(self, model: torch.nn.Module, job: CollectionJob) -> MomentState:
+        return run_torch_collection(model, job)
 
 
 # --------------------------------------------------------------------------------------------- API
@@ -235,10 +215,12 @@ def layer_stats_keys(model, tok, layers: Sequence[int], s: StatsConfig, corpus: 
 
 def collect_layer_stats(
     model, tok, layers: Sequence[int], stats_cfg: Any = None, *, model_name: str | None = None, progress: bool = True,
-    _interrupt_after: int | None = None,
+    engine: CollectionEngine | None = None, _interrupt_after: int | None = None,
 ) -> dict[int, LayerStats]:
-    """Σ k kᵀ and N for each layer in ``layers`` (reference files, cache, or one collection pass)."""
+    """Σ k kᵀ and N for each layer in ``layers`` (reference files, cache, or one collection pass by ``engine``,
+    default the plain-torch loop)."""
     s = StatsConfig.from_config(stats_cfg)
+    engine = engine or TorchEngine()
     a = get_adapter(model)
     try:
         layers = sorted({int(x) for x in layers})
@@ -301,9 +283,9 @@ def collect_layer_stats(
         tmp_dir = tempfile.mkdtemp(prefix="massedit-stats-")
         result_paths = {a.rewrite_name(layer): str(Path(tmp_dir) / paths[layer].name) for layer in missing}
         partial_dir = None
-    world = _world_size(s)
+    world = int(engine.world_size)
     runkey = stable_hash({"keys": sorted(keys[layer][0] for layer in missing), "batches": tb.fingerprint(),
-                          "world": world, "engine": s.engine})
+                          "world": world})
     meta = {a.rewrite_name(layer): {"key": keys[layer][0], "key_dict": keys[layer][1], "layer": layer,
                                     "ds_name": corpus.ds_name, "model_name": name, "n_docs": tb.n_docs,
                                     "n_samples": s.n_samples, "max_length": max_length} for layer in missing}
@@ -313,15 +295,10 @@ def collect_layer_stats(
                         checkpoint_seconds=float(s.checkpoint_seconds or 0), progress=progress,
                         blocks=SYMMETRY_BLOCKS,
                         interrupt_after=_interrupt_after)
-    log.info("collecting second moments of %s over %d tokens (%d documents, %d batches, max_length %d, %s sums, engine %s)",
-             modules, tb.n_tokens, tb.n_docs, len(tb.batches), max_length, s.acc_dtype_name, s.engine)
+    log.info("collecting second moments of %s over %d tokens (%d documents, %d batches, max_length %d, %s sums, %d rank(s))",
+             modules, tb.n_tokens, tb.n_docs, len(tb.batches), max_length, s.acc_dtype_name, world)
     try:
-        if s.engine == "torch" or (_world_size(s) == 1 and _inside_process_group()):
-            # a single-device Trainer nested inside an already-distributed process would inherit its rank
-            # environment; the plain loop is equivalent there
-            run_torch_collection(model, job)
-        else:
-            run_lightning_collection(model, job, s)
+        engine(model, job)
         for layer in missing:
             module = a.rewrite_name(layer)
             total, count, fmeta = cache_mod.load_stats_file(result_paths[module])
@@ -337,24 +314,8 @@ def collect_layer_stats(
     return out
 
 
-def _inside_process_group() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _world_size(s: StatsConfig) -> int:
-    if s.engine == "torch":
-        return 1
-    d = s.devices
-    if isinstance(d, (list, tuple)):
-        return len(d)
-    try:
-        return max(1, int(d))
-    except (TypeError, ValueError):
-        return 1
-
-
 def get_second_moments(model, tok, layers: list[int], stats_cfg: Any = None, *, model_name: str | None = None,
-                       progress: bool = True) -> dict[int, torch.Tensor]:
+                       progress: bool = True, engine: CollectionEngine | None = None) -> dict[int, torch.Tensor]:
     """``{layer: C}`` with ``C = E[k kᵀ] = (Σ_t k_t k_tᵀ) / N`` of the rewrite-module input of each layer
     (REFERENCE_SPEC §0.6): float32, CPU, shape ``[m, m]``.
 
@@ -362,11 +323,12 @@ def get_second_moments(model, tok, layers: list[int], stats_cfg: Any = None, *, 
     content-addressed cache (a hit runs no forward pass), else one collection pass over the corpus for all
     missing layers that stops after the highest of them. ``stats_cfg`` is a ``stats`` config
     (``configs/stats/default.yaml``; any missing key takes its default)."""
-    stats = collect_layer_stats(model, tok, layers, stats_cfg, model_name=model_name, progress=progress)
+    stats = collect_layer_stats(model, tok, layers, stats_cfg, model_name=model_name, progress=progress, engine=engine)
     return {layer: st.C.cpu() for layer, st in stats.items()}
 
 
 def get_second_moment(model, tok, layer: int, stats_cfg: Any = None, *, model_name: str | None = None,
-                      progress: bool = True) -> torch.Tensor:
+                      progress: bool = True, engine: CollectionEngine | None = None) -> torch.Tensor:
     """``C`` of one layer (see :func:`get_second_moments`)."""
-    return get_second_moments(model, tok, [int(layer)], stats_cfg, model_name=model_name, progress=progress)[int(layer)]
+    return get_second_moments(model, tok, [int(layer)], stats_cfg, model_name=model_name, progress=progress,
+                              engine=engine)[int(layer)]

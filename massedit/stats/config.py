@@ -1,26 +1,27 @@
-"""Resolved ``stats`` config (``configs/stats/*.yaml``); every key has a default, so editors may pass a
-partial config or a plain dict."""
+"""``stats`` config group: which text the second-moment statistics C = E[k kᵀ] are collected on, and how
+(``configs/stats/*.yaml``; docs/readme/stats.md). Where they run (devices, precision) is ``trainer.*``."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
-from massedit.datamodules.corpus import CorpusSpec
+from massedit.data.corpus import CorpusSpec
+from massedit.core.errors import InputError
 
 ACC_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
               "double": torch.float64}
 
 
-class StatsConfigError(ValueError):
+class StatsConfigError(InputError):
     pass
 
 
 @dataclass
 class StatsConfig(CorpusSpec):
-    # corpus: the fields of massedit.datamodules.corpus.CorpusSpec (format, packing, chunk_chars, ...), one source
-    corpus: Any = "../shared/data/text/wikitext-2"
+    # corpus: the fields of massedit.data.corpus.CorpusSpec (format, packing, chunk_chars, ...), one source
+    corpus: Any = "builtin:wikitext-2"   # builtin:NAME, local file(s)/folder, a list of files, or hf:NAME[:CONFIG]
     # sample
     n_samples: int | None = None
     n_tokens: int | None = 100_000
@@ -38,38 +39,31 @@ class StatsConfig(CorpusSpec):
     reference_missing: str = "compute"
     checkpoint_every: int = 50
     checkpoint_seconds: float = 300.0
-    # execution
-    engine: str = "lightning"
-    accelerator: str = "auto"
-    devices: Any = 1
-    strategy: str = "auto"
-    num_workers: int = 0
-    # CLI-only (stats.py)
-    layers: Any = None
-    export_dir: str | None = None
-    extra: dict = field(default_factory=dict)
+    # `massedit stats` only
+    layers: list[int] | None = None   # layers to precompute (default: the method's layers)
+    export_dir: str | None = None     # also write the statistics in the reference npz layout under this folder
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpus, (list, tuple)):
+            self.corpus = [str(c) for c in self.corpus]
+        self.validate()
 
     @classmethod
     def from_config(cls, cfg: Any) -> "StatsConfig":
+        """A :class:`StatsConfig` from itself, ``None`` (defaults), a dict or a DictConfig of its fields."""
         if isinstance(cfg, StatsConfig):
             return cfg
         if cfg is None:
             return cls()
-        try:
-            from omegaconf import DictConfig, OmegaConf
+        from omegaconf import DictConfig, OmegaConf
 
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
-        if not isinstance(cfg, dict):
-            cfg = dict(vars(cfg))
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
         names = {f.name for f in fields(cls)}
-        known = {k: v for k, v in cfg.items() if k in names and k != "extra"}
-        extra = {k: v for k, v in cfg.items() if k not in names}
-        out = cls(**known, extra=extra)
-        out.validate()
-        return out
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise StatsConfigError(f"unknown stats key(s) {unknown}; valid keys: {sorted(names)}")
+        return cls(**cfg)
 
     @property
     def acc_dtype(self) -> torch.dtype:
@@ -89,8 +83,10 @@ class StatsConfig(CorpusSpec):
             v = getattr(self, k)
             if v is not None and int(v) <= 0:
                 raise StatsConfigError(f"stats.{k} must be positive, got {v}")
-        if self.engine not in ("lightning", "torch"):
-            raise StatsConfigError(f"stats.engine={self.engine!r}: choose lightning or torch")
+        if not self.corpus:
+            raise StatsConfigError("stats.corpus is empty: give builtin:wikitext-2, a local file/folder or hf:NAME[:CONFIG]")
+        if int(self.seed) < 0 or int(self.sort_window) < 0 or int(self.checkpoint_every) < 0 or float(self.checkpoint_seconds) < 0:
+            raise StatsConfigError("stats.seed, sort_window, checkpoint_every and checkpoint_seconds must be >= 0")
         if self.reference_missing not in ("compute", "error"):
             raise StatsConfigError(f"stats.reference_missing={self.reference_missing!r}: choose compute or error")
 

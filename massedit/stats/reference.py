@@ -25,7 +25,7 @@ def find_reference_stats(root, module: str) -> Path | None:
 
 def load_reference_stats(path) -> tuple[torch.Tensor, int]:
     """``(sum Σ k kᵀ as float64 tensor, token count)`` from a reference npz file."""
-    with np.load(path, allow_pickle=True) as z:
+    with np.load(path, allow_pickle=False) as z:
         mom2 = torch.from_numpy(np.asarray(z["mom2.mom2"], dtype=np.float64))
         count = int(np.asarray(z["mom2.count"]).item())
     if count <= 0:
@@ -35,7 +35,7 @@ def load_reference_stats(path) -> tuple[torch.Tensor, int]:
 
 def load_reference_second_moment(path, dtype=torch.float32) -> torch.Tensor:
     """``C = mom2.mom2 / mom2.count`` as the reference computes it (in float32 by default)."""
-    with np.load(path, allow_pickle=True) as z:
+    with np.load(path, allow_pickle=False) as z:
         mom2 = torch.from_numpy(np.asarray(z["mom2.mom2"]))
         count = int(np.asarray(z["mom2.count"]).item())
     return (mom2.to(dtype) / count)

@@ -2,6 +2,7 @@
 
 See REFERENCE_SPEC §5 and docs/readme/mend.md.
 """
+from .config import MendConfig, MendTrainConfig
 from .editor import (MendEditor, accumulate_pseudo_gradients, build_mend_net, inner_params_from_cfg, load_editor,
                      mend_deltas, save_editor)
 from .factors import (EditBatch, build_edit_batch, build_text_batch, capture_factors, edited_forward, inner_params,
@@ -9,8 +10,9 @@ from .factors import (EditBatch, build_edit_batch, build_text_batch, capture_fac
 from .network import GradientTransform, IDMLP, InnerParam, MendNet, MendNetConfig, RunningNorm, pseudo_gradient
 
 __all__ = [
-    "MendEditor", "accumulate_pseudo_gradients", "build_mend_net", "inner_params_from_cfg", "load_editor",
-    "mend_deltas", "save_editor", "EditBatch", "build_edit_batch", "build_text_batch", "capture_factors",
-    "edited_forward", "inner_params", "kl_loc_loss", "masked_nll", "token_accuracy", "GradientTransform", "IDMLP",
-    "InnerParam", "MendNet", "MendNetConfig", "RunningNorm", "pseudo_gradient",
+    "MendConfig", "MendTrainConfig", "MendEditor", "accumulate_pseudo_gradients", "build_mend_net",
+    "inner_params_from_cfg", "load_editor", "mend_deltas", "save_editor", "EditBatch", "build_edit_batch",
+    "build_text_batch", "capture_factors", "edited_forward", "inner_params", "kl_loc_loss", "masked_nll",
+    "token_accuracy", "GradientTransform", "IDMLP", "InnerParam", "MendNet", "MendNetConfig", "RunningNorm",
+    "pseudo_gradient",
 ]

@@ -25,31 +25,21 @@ from torch import nn
 from massedit.core.deltas import Deltas
 from massedit.data.requests import EditRequest
 
+from .config import MendConfig
 from .factors import (build_edit_batch, capture_factors, inner_params, model_device, token_nll)
 from .network import InnerParam, MendNet, MendNetConfig, to_param_layout
 
 log = logging.getLogger(__name__)
 
 
-def _get(cfg, key, default=None):
-    if cfg is None:
-        return default
-    if hasattr(cfg, "get"):
-        v = cfg.get(key, default)
-    else:
-        v = getattr(cfg, key, default)
-    return default if v is None else v
-
-
-def inner_params_from_cfg(model: nn.Module, method_cfg) -> list[InnerParam]:
+def inner_params_from_cfg(model: nn.Module, method_cfg: MendConfig) -> list[InnerParam]:
     """Inner parameters from ``method.layers`` (null: last ``method.num_layers``) and ``method.projections``."""
-    layers = _get(method_cfg, "layers", None)
+    layers = method_cfg.layers
     return inner_params(model, list(layers) if layers is not None else None,
-                       projections=list(_get(method_cfg, "projections", ["up", "down"])),
-                       num_layers=int(_get(method_cfg, "num_layers", 3)))
+                        projections=list(method_cfg.projections), num_layers=int(method_cfg.num_layers))
 
 
-def build_mend_net(model: nn.Module, method_cfg) -> MendNet:
+def build_mend_net(model: nn.Module, method_cfg: MendConfig) -> MendNet:
     """A fresh (identity-initialised) editor for ``model`` from the method config."""
     net = MendNet(inner_params_from_cfg(model, method_cfg), MendNetConfig.from_cfg(method_cfg))
     p = next(model.parameters())
@@ -176,7 +166,11 @@ def load_editor(path, model: nn.Module | None = None, method_cfg=None) -> MendNe
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"MEND checkpoint not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    except Exception as e:
+        raise ValueError(f"{path} is not a loadable MEND editor file or checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
     if isinstance(obj, dict) and obj.get("format") == "massedit-mend-v1":
         desc, sd = obj["describe"], obj["state_dict"]
     elif isinstance(obj, dict) and "state_dict" in obj and "mend_describe" in obj:  # Lightning checkpoint
@@ -200,39 +194,36 @@ def load_editor(path, model: nn.Module | None = None, method_cfg=None) -> MendNe
 
 
 class MendEditor:
-    """Editor protocol for ``edit.py method=mend method.checkpoint=PATH``.
-
-    ``edit(model, tok, requests) -> deltas``: all requests are edited concurrently (§5.6) in chunks of
+    """``Editor`` of ``method=mend``: all requests are edited concurrently (§5.6) in chunks of
     ``method.edit_chunk_size``; the model is left exactly as found (no weight is written; hooks removed).
     Without a checkpoint the identity-initialised editor is used (with ``norm`` its statistics are unset,
     so the edit is the plain gradient step scaled by the initial ``edit_lr``) and a warning is logged.
     """
 
-    def __init__(self, cfg, run=None):
+    method = "mend"
+
+    def __init__(self, cfg: MendConfig, progress: bool = True):
         self.cfg = cfg
-        self.run = run
-        self.method = cfg.get("method", cfg) if hasattr(cfg, "get") else getattr(cfg, "method", cfg)
+        self.progress = progress
         self.net: MendNet | None = None
-        self.stats: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
 
     def load(self, model: nn.Module) -> MendNet:
-        ckpt = _get(self.method, "checkpoint", None)
-        if ckpt:
-            net = load_editor(ckpt, model)
-        else:
-            log.warning("method.checkpoint is not set: using an UNTRAINED (identity-initialised) MEND editor")
-            net = build_mend_net(model, self.method)
-        return net
+        if self.cfg.checkpoint:
+            return load_editor(self.cfg.checkpoint, model)
+        log.warning("method.checkpoint is not set: using an UNTRAINED (identity-initialised) MEND editor")
+        return build_mend_net(model, self.cfg)
 
     def edit(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> Deltas:
         if self.net is None:
             self.net = self.load(model)
         t0 = time.perf_counter()
-        deltas = mend_deltas(model, tok, self.net, list(requests),
-                             chunk_size=int(_get(self.method, "edit_chunk_size", 64)),
-                             lr_scale=float(_get(self.method, "lr_scale", 1.0)),
-                             max_length=_get(self.method, "max_length", None), progress=True,
-                             concurrent_loss=str(_get(self.method, "concurrent_loss", "request_sum")))
-        self.stats = {"mend_edit_seconds": time.perf_counter() - t0, "num_requests": len(requests)}
-        log.info("MEND edited %d requests in %.1f s", len(requests), self.stats["mend_edit_seconds"])
+        c = self.cfg
+        deltas = mend_deltas(model, tok, self.net, list(requests), chunk_size=int(c.edit_chunk_size),
+                             lr_scale=float(c.lr_scale), max_length=c.max_length, progress=self.progress,
+                             concurrent_loss=c.concurrent_loss)
+        seconds = time.perf_counter() - t0
+        self.info = {"method": "mend", "n_requests": len(requests), "seconds": round(seconds, 2),
+                     "checkpoint": c.checkpoint, "delta_norms": {k: float(v.norm()) for k, v in deltas.items()}}
+        log.info("MEND edited %d requests in %.1f s", len(requests), seconds)
         return deltas

@@ -175,9 +175,8 @@ class MendNetConfig:
 
     @classmethod
     def from_cfg(cls, cfg) -> "MendNetConfig":
-        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
-        kw = {k: type(v)(get(k)) for k, v in asdict(cls()).items() if get(k) is not None}
-        return cls(**kw)
+        """The network fields of a ``method=mend`` config (:class:`~massedit.editing.mend.config.MendConfig`)."""
+        return cls(**{k: type(v)(getattr(cfg, k)) for k, v in asdict(cls()).items()})
 
 
 def pseudo_gradient(x_hat: torch.Tensor, delta_hat: torch.Tensor) -> torch.Tensor:
