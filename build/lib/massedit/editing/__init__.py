@@ -1,0 +1,1 @@
+"""massedit.editing package."""

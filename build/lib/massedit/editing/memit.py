@@ -1,0 +1,177 @@
+"""MEMIT: mass-editing memory in a transformer (REFERENCE_SPEC §2).
+
+For a batch of requests: target hidden states ``z_i`` at the output of block ``L = max(R)`` (§2.2,
+optimised on the model as it is when the batch starts), then for each layer ``l`` of R in ascending
+order, on the model carrying the lower layers' updates (§2.1):
+
+    K_l = keys at layer l (two-level template mean)          [m, N]
+    E   = Z - H_L   (H_L: block-L output, bare prompts)       [d, N]
+    A   = solve(λ C_l + K_l K_l^T, K_l)        (float64)      [m, N]
+    E_l = E / (|R| - i)
+    ΔW_l = E_l A^T                                            [d, m] (out x in)
+
+Requests are processed in batches of ``batch_size`` (None: all at once); each batch is edited on
+top of the previous ones, and the returned deltas are the total change.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import torch
+
+from massedit.core.adapters import get_adapter
+from massedit.core.deltas import Deltas
+from massedit.core.models import model_fingerprint
+from massedit.editing.context_templates import as_groups, flatten
+from massedit.editing.hparams import EditHparams
+from massedit.editing.keys import bare_prompt_io, memit_keys
+from massedit.editing.editor import RomeMemitEditor
+from massedit.editing.target_cache import TargetCache
+from massedit.editing.targets import TargetResult, build_target_problem, optimise_targets, summarize_results
+
+log = logging.getLogger(__name__)
+
+
+def memit_solve(K: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """``A = (λ C + K K^T)^-1 K`` in float64 (``torch.linalg.solve``), ``[m, N]``."""
+    K = K.double()
+    return torch.linalg.solve(lam * C.double() + K @ K.T, K)
+
+
+def spread_residual(E: torch.Tensor, i: int, n_layers: int) -> torch.Tensor:
+    """``E_l = E / (|R| - i)``: the i-th layer (0-based, ascending) takes its share of what remains."""
+    return E.double() / (n_layers - i)
+
+
+def memit_layer_update(K: torch.Tensor, E: torch.Tensor, C: torch.Tensor, lam: float, i: int, n_layers: int):
+    """``(A, E_l, ΔW = E_l A^T)`` for one layer; ΔW is ``[d, m]`` float64."""
+    A = memit_solve(K, C.to(K.device), lam)
+    E_l = spread_residual(E, i, n_layers)
+    return A, E_l, E_l @ A.T
+
+
+def compute_targets(model, tok, requests, hp: EditHparams, templates: Sequence[str], *, cache: TargetCache | None = None,
+                    progress: bool = True, batched: bool | None = None) -> list[TargetResult]:
+    """z for every request at block ``L = max(layers)`` (cached per request when ``cache`` is given)."""
+    adapter = get_adapter(model)
+    L = hp.z_layer
+    loss_layer = max(hp.v_loss_layer if hp.v_loss_layer is not None else adapter.num_layers - 1, L)
+    nll_block = adapter.block_name(min(loss_layer, adapter.num_layers - 1))
+    module = adapter.block_name(L)
+    problems = [build_target_problem(tok, r, templates, hp.fact_token, hp.teacher_forcing, hp.kl_prompt) for r in requests]
+    results: list[TargetResult | None] = [None] * len(requests)
+    keys = None
+    if cache is not None:
+        fp = model_fingerprint(model)
+        keys = [cache.key(model_fp=fp, method="memit", module=module, hp=hp, templates=templates, request=r) for r in requests]
+        for i, k in enumerate(keys):
+            results[i] = cache.get(k)
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        def on_result(j, res):
+            if cache is not None:
+                cache.put(keys[todo[j]], res)
+
+        new = optimise_targets(model, tok, [problems[i] for i in todo], hp, edit_module=module, edit_is_block=True,
+                               nll_block=nll_block, batched=batched, on_result=on_result, progress=progress, desc="memit z",
+                               prefix_block=L)
+        for i, r in zip(todo, new):
+            results[i] = r
+    return results  # type: ignore[return-value]
+
+
+def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_by_layer: dict[int, torch.Tensor], *,
+                      cache: TargetCache | None = None, progress: bool = True, keep_intermediates: bool = True,
+                      targets: list[TargetResult] | None = None):
+    """One MEMIT batch, leaving the model **edited** (caller restores). Returns ``(deltas, intermediates)``."""
+    adapter = get_adapter(model)
+    groups = as_groups(template_groups)
+    flat = flatten(groups)
+    layers = sorted(hp.layers)
+    L = hp.z_layer
+    device = next(model.parameters()).device
+    if targets is None:
+        targets = compute_targets(model, tok, requests, hp, flat, cache=cache, progress=progress)
+    Z = torch.stack([t.target for t in targets], dim=1).to(device)  # [d, N]
+    originals = {l: adapter.rewrite_weight(l).detach().clone() for l in layers}
+    deltas: Deltas = {}
+    per_layer = []
+    for i, l in enumerate(layers):
+        K = memit_keys(model, tok, adapter, l, requests, groups, hp.fact_token)  # [m, N]
+        _, H = bare_prompt_io(model, tok, adapter.block_name(L), requests, hp.fact_token)
+        H = H.T  # [d, N]
+        E = Z - H
+        A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
+        w = adapter.rewrite_weight(l)
+        upd_param = adapter.to_param_layout(upd).float()
+        with torch.no_grad():
+            w.copy_((originals[l].float() + upd_param.to(w.device)).to(w.dtype))
+        deltas[adapter.rewrite_weight_name(l)] = upd_param.cpu()
+        if keep_intermediates:
+            per_layer.append({"layer": l, "i": i, "weight_name": adapter.rewrite_weight_name(l), "K": K.cpu(), "H": H.cpu(),
+                              "E": E.cpu(), "A": A.cpu(), "E_l": E_l.cpu()})
+    inter = {"Z": Z.cpu(), "z_layer": L, "layers": layers, "lambda": hp.mom2_update_weight, "per_layer": per_layer,
+             "requests": [{"case_id": t.case_id, "z0": t.init, "delta": t.delta, "z": t.target,
+                           "n_adam_steps": t.n_adam_steps, "early_stopped": t.early_stopped, "loss_trace": t.loss_trace,
+                           "from_cache": t.from_cache} for t in targets]}
+    return deltas, inter
+
+
+def apply_memit(model, tok, requests, hp: EditHparams, template_groups, C_by_layer: dict[int, torch.Tensor], *,
+                cache: TargetCache | None = None, progress: bool = True, keep_intermediates: bool = True):
+    """MEMIT over ``requests`` in batches of ``hp.batch_size``; model restored; returns ``(deltas, info)``."""
+    adapter = get_adapter(model)
+    layers = sorted(hp.layers)
+    missing = [l for l in layers if l not in C_by_layer]
+    if missing:
+        raise ValueError(f"MEMIT needs C for layers {missing}")
+    requests = list(requests)
+    bs = int(hp.batch_size) if hp.batch_size else max(1, len(requests))
+    originals = {adapter.rewrite_weight_name(l): adapter.rewrite_weight(l).detach().clone() for l in layers}
+    batches = [requests[s : s + bs] for s in range(0, len(requests), bs)]
+    inters, all_targets = [], []
+    try:
+        for b, chunk in enumerate(batches):
+            if len(batches) > 1:
+                log.info("MEMIT batch %d/%d (%d requests)", b + 1, len(batches), len(chunk))
+            _, inter = apply_memit_batch(model, tok, chunk, hp, template_groups, C_by_layer, cache=cache,
+                                         progress=progress, keep_intermediates=keep_intermediates)
+            inters.append(inter)
+            all_targets += inter["requests"]
+        with torch.no_grad():
+            deltas = {n: (adapter.model.get_parameter(n).detach().float() - w.float()).cpu() for n, w in originals.items()}
+        if len(batches) == 1:  # exact float32 cast of E_l A^T (W + Δ reproduces the edited weight)
+            deltas = {p["weight_name"]: adapter.to_param_layout(p["E_l"] @ p["A"].T).float() for p in inters[0]["per_layer"]} \
+                if keep_intermediates else deltas
+    finally:
+        with torch.no_grad():
+            for n, w in originals.items():
+                adapter.model.get_parameter(n).copy_(w)
+    return deltas, {"batches": inters}
+
+
+class MemitEditor(RomeMemitEditor):
+    """``MemitEditor(hparams, stats).edit(model, tok, requests) -> deltas`` (model left as found)."""
+
+    method = "memit"
+
+    def edit(self, model, tok, requests) -> Deltas:
+        t0 = time.time()
+        hp = self.hparams.validate(get_adapter(model).num_layers)
+        groups = as_groups(self.get_context_templates(model, tok))
+        C = self.get_stats(model, tok, hp.layers)
+        deltas, inter = apply_memit(model, tok, list(requests), hp, groups, C, cache=self.cache, progress=self.progress)
+        self.intermediates = inter
+        from types import SimpleNamespace
+
+        tr = [SimpleNamespace(n_adam_steps=r["n_adam_steps"], early_stopped=r["early_stopped"],
+                              final_loss=float(r["loss_trace"][-1, 1]) if r["loss_trace"].numel() else float("nan"),
+                              from_cache=r["from_cache"]) for b in inter["batches"] for r in b["requests"]]
+        self.info.update({
+            "method": "memit", "n_requests": len(requests), "layers": hp.layers, "lambda": hp.mom2_update_weight,
+            "batch_size": hp.batch_size, "n_templates": len(flatten(groups)), "targets": summarize_results(tr),
+            "seconds": round(time.time() - t0, 2), "delta_norms": {k: float(v.norm()) for k, v in deltas.items()},
+        })
+        return deltas

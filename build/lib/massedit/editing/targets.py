@@ -1,0 +1,472 @@
+"""Target-vector optimisation: ROME's v* (REFERENCE_SPEC §1.2) and MEMIT's z (§2.2), batched.
+
+For each request a vector δ (width d) is added at the subject's last token of every row (the
+rewriting rows ``template.format(prompt) + target[:-1]`` and the KL row ``"{subject} is a"``) to the
+output of one module (ROME: the MLP of layer l; MEMIT: the block L). δ minimises
+
+    loss = NLL(target | rewriting rows) + kl_factor * KL(p_cur || p_init)[KL row, subject token]
+           + v_weight_decay * ||δ|| / ||v0||^2
+
+with Adam (lr ``v_lr``); the loop checks ``loss < early_stop_loss`` before each step and never steps
+after the last forward (so at most ``v_num_grad_steps - 1`` steps); after every step δ is clamped to
+``clamp_norm_factor * ||v0||``. v0 is the module output at the subject token of row 0 (the bare
+template) at δ = 0. Result: the target ``v0 + δ``.
+
+**Batching.** :func:`optimise_targets` puts the rows of many requests into one right-padded batch:
+one forward/backward per step for the whole sub-batch, each request with its own δ and its own Adam
+state, early stop and clamp (finished requests leave the batch). Rows of different requests do not
+interact, so the result equals one-at-a-time optimisation up to float rounding. Sub-batches are
+bounded by ``max_tokens`` padded tokens. Logits are formed only at the positions the loss reads
+(final norm + unembedding of the gathered hidden states), which is the same arithmetic per position.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from massedit.core.adapters import ArchAdapter
+from massedit.core.nethook import TraceDict
+from massedit.core.tokenization import (encode, subject_token_index, target_token_ids, token_type_ids_like,
+                                        with_leading_space)
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------- problem
+@dataclass
+class TargetProblem:
+    """Tokenised optimisation inputs of one request."""
+
+    case_id: object
+    prompts: list[str]            # rewriting prompts + the KL prompt (text, subject filled in)
+    input_ids: list[list[int]]    # unpadded ids per row
+    lookup_idxs: list[int]        # subject token per row
+    target_ids: list[int]
+    n_rewrite: int
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def max_len(self) -> int:
+        return max(len(x) for x in self.input_ids)
+
+
+@dataclass
+class TargetResult:
+    """Outcome of one request's optimisation (the fixture's intermediates use the same names)."""
+
+    case_id: object
+    init: torch.Tensor            # v0 / z0 [d]
+    delta: torch.Tensor           # δ [d]
+    n_adam_steps: int
+    early_stopped: bool
+    loss_trace: torch.Tensor      # [n_forward, 7]: it, loss, nll, kl, wd, |δ|, mean target prob
+    from_cache: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.init + self.delta
+
+    @property
+    def n_forward(self) -> int:
+        return int(self.loss_trace.shape[0])
+
+    @property
+    def final_loss(self) -> float:
+        return float(self.loss_trace[-1, 1]) if self.loss_trace.numel() else float("nan")
+
+
+class TargetInputError(ValueError):
+    pass
+
+
+def build_target_problem(tok, request, templates: Sequence[str], fact_token: str = "subject_last",
+                         teacher_forcing: str = "ids", kl_prompt: str = "{} is a") -> TargetProblem:
+    """Rows, subject indices and target ids of one request (REFERENCE_SPEC §1.2 "Inputs built once").
+
+    ``teacher_forcing="string"`` reproduces the reference exactly (prompt text + ``decode(y[:-1])``,
+    re-tokenised; wrong for SentencePiece, whose decode drops the leading space); ``"ids"`` appends the
+    target ids to the prompt's ids (identical for byte-level BPE when tokenisation does not merge
+    across the boundary, correct for every tokenizer).
+    """
+    where = f"request case_id={request.case_id}"
+    try:
+        y = target_token_ids(tok, with_leading_space(request.target_new))
+    except ValueError:
+        raise TargetInputError(f"{where}, field 'target_new': empty target") from None
+    if not y:
+        raise TargetInputError(f"{where}, field 'target_new': tokenises to nothing")
+    prompts, ids, idxs = [], [], []
+    for t in templates:
+        ctx = t.format(request.prompt)
+        if ctx.count("{}") != 1:
+            raise TargetInputError(f"{where}, field 'prompt': template+prompt must hold exactly one '{{}}': {ctx!r}")
+        try:
+            idx = subject_token_index(tok, ctx, request.subject, fact_token)
+        except ValueError as e:
+            raise TargetInputError(f"{where}, field 'prompt': {e}") from None
+        if teacher_forcing == "string":
+            text = (ctx + tok.decode(y[:-1])).format(request.subject)
+            row = encode(tok, text)
+        else:
+            text = ctx.format(request.subject)
+            p = encode(tok, text)
+            row = p + y[:-1]
+            text = text + tok.decode(y[:-1])
+        if idx < 0:  # rule "last": the prompt's last token (the reference would point into the target)
+            idx = len(row) - len(y)
+        prompts.append(text)
+        ids.append(row)
+        idxs.append(idx)
+    kl_text = kl_prompt.format(request.subject)
+    kl_idx = subject_token_index(tok, kl_prompt, request.subject, fact_token)
+    kl_ids = encode(tok, kl_text)
+    if kl_idx < 0:
+        kl_idx = len(kl_ids) - 1
+    prompts.append(kl_text)
+    ids.append(kl_ids)
+    idxs.append(kl_idx)
+    for r, (row, i) in enumerate(zip(ids, idxs)):
+        if not (0 <= i < len(row)):
+            raise TargetInputError(f"{where}: subject index {i} outside row {r} ({prompts[r]!r})")
+    for r in range(len(templates)):
+        if len(ids[r]) < len(y):
+            raise TargetInputError(f"{where}: row {r} shorter than the target")
+    return TargetProblem(request.case_id, prompts, ids, idxs, list(y), len(templates))
+
+
+# ------------------------------------------------------------------------------------- batch
+class _Batch:
+    """Padded tensors and gather indices for a set of (active) problems."""
+
+    def __init__(self, problems: Sequence[TargetProblem], pad_id: int, device):
+        rows = [r for p in problems for r in p.input_ids]
+        width = max(len(r) for r in rows)
+        self.input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        self.attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        edit_rows, edit_pos, edit_req = [], [], []
+        nll_rows, nll_pos, nll_tok = [], [], []
+        kl_rows, kl_pos = [], []
+        row0 = []
+        r0 = 0
+        for j, p in enumerate(problems):
+            T = len(p.target_ids)
+            row0.append(r0)
+            for k, (ids, idx) in enumerate(zip(p.input_ids, p.lookup_idxs)):
+                r = r0 + k
+                self.input_ids[r, : len(ids)] = torch.tensor(ids)
+                self.attention_mask[r, : len(ids)] = 1
+                edit_rows.append(r)
+                edit_pos.append(idx)
+                edit_req.append(j)
+                if k < p.n_rewrite:
+                    L = len(ids)
+                    for t, y in enumerate(p.target_ids):
+                        nll_rows.append(r)
+                        nll_pos.append(L - T + t)
+                        nll_tok.append(y)
+                else:
+                    kl_rows.append(r)
+                    kl_pos.append(idx)
+            r0 += p.n_rows
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        self.input_ids = self.input_ids.to(device)
+        self.attention_mask = self.attention_mask.to(device)
+        self.edit_rows, self.edit_pos, self.edit_req = t(edit_rows), t(edit_pos), t(edit_req)
+        self.nll_rows, self.nll_pos, self.nll_tok = t(nll_rows), t(nll_pos), t(nll_tok)
+        self.kl_rows, self.kl_pos = t(kl_rows), t(kl_pos)
+        self.row0 = t(row0)
+        self.row0_pos = t([p.lookup_idxs[0] for p in problems])
+        self.n_rows = len(rows)
+        # row -> request, per-row target length, rewriting-row count per request
+        row_req = []
+        for j, p in enumerate(problems):
+            row_req += [j] * p.n_rows
+        self.row_req = t(row_req)
+        self.T = torch.tensor([float(len(p.target_ids)) for p in problems], device=device)
+        self.n_rewrite = torch.tensor([float(p.n_rewrite) for p in problems], device=device)
+        self.n_req = len(problems)
+        self.tokens = self.input_ids.numel()
+
+
+def _replace_hidden(output, h):
+    if isinstance(output, tuple):
+        return (h,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [h] + list(output[1:])
+    return h
+
+
+def _group_problems(problems: Sequence[TargetProblem], order: Sequence[int], max_tokens: int, max_requests: int | None):
+    """Greedy sub-batches (in ``order``) with padded tokens <= ``max_tokens`` (at least one request each)."""
+    groups, cur, cur_rows, cur_w = [], [], 0, 0
+    for i in order:
+        p = problems[i]
+        rows, w = cur_rows + p.n_rows, max(cur_w, p.max_len)
+        if cur and (rows * w > max_tokens or (max_requests and len(cur) >= max_requests)):
+            groups.append(cur)
+            cur, rows, w = [], p.n_rows, p.max_len
+        cur.append(i)
+        cur_rows, cur_w = rows, w
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+# ------------------------------------------------------------------------------------- losses
+def nll_per_request(logprobs_at_targets: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per request: mean over rewriting rows of the per-row token-mean NLL, and mean exp(-row NLL)."""
+    dev = logprobs_at_targets.device
+    row_sum = torch.zeros(batch.n_rows, device=dev).index_add(0, batch.nll_rows, -logprobs_at_targets)
+    row_T = batch.T[batch.row_req]
+    row_nll = row_sum / row_T
+    is_rw = torch.zeros(batch.n_rows, device=dev).index_fill(0, batch.nll_rows, 1.0)
+    nll = torch.zeros(batch.n_req, device=dev).index_add(0, batch.row_req, row_nll * is_rw) / batch.n_rewrite
+    prob = torch.zeros(batch.n_req, device=dev).index_add(0, batch.row_req, torch.exp(-row_nll) * is_rw) / batch.n_rewrite
+    return nll, prob
+
+
+def kl_per_request(kl_logprobs: torch.Tensor, kl_init: torch.Tensor) -> torch.Tensor:
+    """``KL(p_cur || p_init) = Σ_v p_cur (log p_cur - log p_init)`` per request (one KL row each)."""
+    return (kl_logprobs.exp() * (kl_logprobs - kl_init)).sum(-1)
+
+
+def weight_decay_term(delta_norm: torch.Tensor, init_norm: torch.Tensor, wd: float, form: str = "norm") -> torch.Tensor:
+    """``wd * ||δ|| / ||v0||^2`` (reference, norm not squared) or ``wd * ||δ||^2 / ||v0||^2``."""
+    num = delta_norm if form == "norm" else delta_norm ** 2
+    return wd * num / init_norm ** 2
+
+
+def clamp_delta_(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Project δ onto the ball of radius ``max_norm`` (in place)."""
+    with torch.no_grad():
+        n = delta.norm()
+        if n > max_norm:
+            delta.mul_(max_norm / n)
+
+
+# ------------------------------------------------------------------------------------- optimiser
+class _FrozenPrefixBlock(torch.nn.Module):
+    """Stand-in for a block below the edit point: the blocks up to ``upto`` see the same inputs at every
+    step (δ enters later), so their output is computed once and replayed. Blocks before ``upto`` pass
+    their input through; block ``upto`` returns the cached hidden state for the current batch rows."""
+
+    def __init__(self, value_fn, like):
+        super().__init__()
+        self._value_fn = value_fn   # None: pass-through
+        self._like = like           # output structure of the real block: None (tensor) or tuple length
+
+    def forward(self, *args, **kwargs):
+        h = self._value_fn() if self._value_fn is not None else (args[0] if args else kwargs["hidden_states"])
+        if self._like is None:
+            return h
+        return (h,) + (None,) * (self._like - 1)
+
+
+def _swap_blocks(model, adapter: ArchAdapter, upto: int, value_fn, like) -> dict:
+    """Replace blocks ``0..upto`` by :class:`_FrozenPrefixBlock`; returns what to restore."""
+    saved = {}
+    for i in range(upto + 1):
+        name = adapter.block_name(i)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        saved[name] = (parent, child, parent._modules[child])
+        stub = _FrozenPrefixBlock(value_fn if i == upto else None, like)
+        for attr in ("attention_type", "layer_idx"):  # read by some model loops (e.g. sliding-window masks)
+            if hasattr(saved[name][2], attr):
+                setattr(stub, attr, getattr(saved[name][2], attr))
+        parent._modules[child] = stub
+    return saved
+
+
+def _restore_blocks(saved: dict) -> None:
+    for parent, child, module in saved.values():
+        parent._modules[child] = module
+
+
+def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], *, edit_module: str, edit_is_block: bool,
+                    nll_block: str | None, hp, pad_id: int, pbar=None, prefix_block: int | None = None,
+                    tok=None) -> list[TargetResult]:
+    device = next(model.parameters()).device
+    # frozen prefix: blocks 0..prefix_block produce the same output at every step (δ enters after them)
+    reuse = getattr(hp, "reuse_frozen_prefix", True) and prefix_block is not None and prefix_block >= 0
+    prefix_name = adapter.block_name(prefix_block) if reuse else None
+    prefix = {}  # "base": first-forward output [rows0, W0, d]; "start": first row of each problem; "like"
+    final_block = adapter.block_name(adapter.num_layers - 1)
+    n = len(problems)
+    d = adapter.hidden_size
+    deltas = [torch.zeros(d, device=device, dtype=torch.float32, requires_grad=True) for _ in range(n)]
+    opts = [torch.optim.Adam([x], lr=hp.v_lr) for x in deltas]
+    init = [None] * n
+    init_norm = [None] * n
+    kl_init = [None] * n
+    steps = [0] * n
+    early = [False] * n
+    traces: list[list[list[float]]] = [[] for _ in range(n)]
+    active = list(range(n))
+    batch = None
+    batch_members = None
+    for it in range(hp.v_num_grad_steps):
+        if batch_members != active:
+            batch = _Batch([problems[i] for i in active], pad_id, device)
+            batch_members = list(active)
+            if "base" in prefix:
+                prefix["rows"] = torch.cat([torch.arange(prefix["start"][i], prefix["start"][i] + problems[i].n_rows)
+                                            for i in active]).to(device)
+        first = it == 0
+        captured = {}
+
+        def edit_fn(output, name):
+            if name != edit_module:
+                return output
+            h = ArchAdapter.block_hidden(output) if edit_is_block else output
+            if first:
+                captured["init"] = h[batch.row0, batch.row0_pos].detach().float().clone()
+                if reuse and name == prefix_name:
+                    captured["prefix"] = (h.detach(), None if not isinstance(output, (tuple, list)) else len(output))
+            D = torch.stack([deltas[i] for i in active])
+            h = h.index_put((batch.edit_rows, batch.edit_pos), D[batch.edit_req].to(h.dtype), accumulate=True)
+            return _replace_hidden(output, h) if edit_is_block else h
+
+        names = [edit_module, final_block] + ([nll_block] if nll_block and nll_block != final_block else [])
+        if reuse and first and prefix_name != edit_module:
+            names.append(prefix_name)
+        saved = None
+        if reuse and not first and "base" in prefix:
+            width = batch.input_ids.shape[1]
+            saved = _swap_blocks(model, adapter, prefix_block,
+                                 lambda: prefix["base"][prefix["rows"], :width], prefix["like"])
+        try:
+            with TraceDict(model, names, retain_output=True, edit_output=edit_fn, stop=True) as td:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                      **token_type_ids_like(tok, batch.input_ids))  # as model(**tok(rows)) in the reference
+        finally:
+            if saved is not None:
+                _restore_blocks(saved)
+        if reuse and first:
+            if prefix_name == edit_module:
+                prefix["base"], prefix["like"] = captured["prefix"]
+            else:
+                out = td[prefix_name].output
+                prefix["base"] = ArchAdapter.block_hidden(out).detach()
+                prefix["like"] = len(out) if isinstance(out, (tuple, list)) else None
+            starts, r0 = [], 0
+            for p_ in problems:
+                starts.append(r0)
+                r0 += p_.n_rows
+            prefix["start"] = starts
+            prefix["rows"] = torch.arange(r0, device=device)
+        h_final = ArchAdapter.block_hidden(td[final_block].output)
+        h_nll = ArchAdapter.block_hidden(td[nll_block].output) if nll_block and nll_block != final_block else h_final
+        lp = torch.log_softmax(adapter.unembed(h_nll[batch.nll_rows, batch.nll_pos]).float(), dim=-1)
+        lp_t = lp.gather(1, batch.nll_tok[:, None])[:, 0]
+        nll, prob = nll_per_request(lp_t, batch)
+        kl_lp = torch.log_softmax(adapter.unembed(h_final[batch.kl_rows, batch.kl_pos]).float(), dim=-1)
+        if first:
+            for j, i in enumerate(active):
+                init[i] = captured["init"][j]
+                init_norm[i] = init[i].norm()
+                kl_init[i] = kl_lp[j].detach().clone()
+        kl = hp.kl_factor * kl_per_request(kl_lp, torch.stack([kl_init[i] for i in active]))
+        dn = torch.stack([deltas[i].norm() for i in active])
+        inorm = torch.stack([init_norm[i] for i in active])
+        wd = weight_decay_term(dn, inorm, hp.v_weight_decay, hp.weight_decay_form)
+        loss = nll + kl + wd
+        lv = loss.detach().cpu().tolist()
+        rows = torch.stack([loss, nll, kl, wd, dn, prob], 1).detach().double().cpu().tolist()
+        still, stepping = [], []
+        for j, i in enumerate(active):
+            traces[i].append([float(it)] + rows[j])
+            if lv[j] < hp.early_stop_loss:
+                early[i] = True
+            elif it == hp.v_num_grad_steps - 1:
+                pass
+            else:
+                still.append(i)
+                stepping.append(j)
+        done_now = len(active) - len(still)
+        if pbar is not None and done_now:
+            pbar.update(done_now)
+        if stepping:
+            total = loss[torch.tensor(stepping, device=loss.device)].sum()
+            for i in still:
+                opts[i].zero_grad(set_to_none=True)
+            total.backward()
+            for i in still:
+                opts[i].step()
+                steps[i] += 1
+                clamp_delta_(deltas[i], hp.clamp_norm_factor * init_norm[i])
+        del td, h_final, h_nll, lp, kl_lp, loss
+        active = still
+        if not active:
+            break
+    out = []
+    for i, p in enumerate(problems):
+        out.append(TargetResult(p.case_id, init[i].detach().cpu(), deltas[i].detach().cpu().clone(), steps[i], early[i],
+                                torch.tensor(traces[i], dtype=torch.float64)))
+    return out
+
+
+def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_module: str, edit_is_block: bool,
+                     nll_block: str | None = None, batched: bool | None = None, max_tokens: int | None = None,
+                     prefix_block: int | None = None,
+                     on_result: Callable[[int, TargetResult], None] | None = None, progress: bool = True,
+                     desc: str = "targets") -> list[TargetResult]:
+    """Optimise the target vector of every problem; ``batched`` (default ``hp.batched_targets``) groups
+    them into memory-bounded sub-batches, else one request at a time. ``on_result(i, result)`` is called
+    as soon as problem ``i`` is finished (used for the on-disk z cache). ``prefix_block``: the highest
+    block whose output does not depend on δ (MEMIT: L; ROME: l - 1); with ``hp.reuse_frozen_prefix`` its
+    output is computed at the first step only and replayed afterwards (blocks below it are skipped)."""
+    from massedit.core.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    batched = hp.batched_targets if batched is None else batched
+    max_tokens = hp.targets_max_tokens if max_tokens is None else max_tokens
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    n = len(problems)
+    if batched:
+        order = sorted(range(n), key=lambda i: (problems[i].max_len, i))
+        groups = _group_problems(problems, order, max_tokens, None)
+    else:
+        groups = [[i] for i in range(n)]
+    results: list[TargetResult | None] = [None] * n
+    pbar = None
+    if progress and n:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=n, desc=desc, unit="req", leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for g in groups:
+                res = _optimise_group(model, adapter, [problems[i] for i in g], edit_module=edit_module,
+                                      edit_is_block=edit_is_block, nll_block=nll_block, hp=hp, pad_id=pad_id, pbar=pbar,
+                                      prefix_block=prefix_block, tok=tok)
+                for i, r in zip(g, res):
+                    results[i] = r
+                    if on_result is not None:
+                        on_result(i, r)
+    finally:
+        if pbar is not None:
+            pbar.close()
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def summarize_results(results: Sequence[TargetResult]) -> dict:
+    steps = [r.n_adam_steps for r in results]
+    return {
+        "n": len(results),
+        "mean_adam_steps": sum(steps) / max(1, len(steps)),
+        "early_stopped": sum(r.early_stopped for r in results),
+        "mean_final_loss": sum(r.final_loss for r in results if not math.isnan(r.final_loss)) / max(1, len(results)),
+        "from_cache": sum(r.from_cache for r in results),
+    }

@@ -1,0 +1,1 @@
+"""massedit.lightning_modules package."""

@@ -1,0 +1,128 @@
+"""The training job (``massedit train`` / ``train.py``).
+
+* ``method=ft|ftl|ftw``: fine-tune on the requests and evaluate before/after — the edit pipeline of
+  :func:`massedit.tasks.edit.edit_job` (FT-W's ``Trainer.fit`` runs inside the edit callback); its
+  ``results.json`` carries the post-edit Score/ES/PS/NS at the top level, what a sweep's ``metric.name`` names.
+* ``method=mend``: train the MEND hypernetwork (REFERENCE_SPEC §5.4) with ``Trainer.fit``, keep the best editor by
+  validation, export ``mend_editor.pt`` (for ``massedit edit method=mend method.checkpoint=...``), history and plot.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from massedit.core.io import atomic_path
+from massedit.core.models import load_model_and_tokenizer
+from massedit.datamodules.mend import MendDataModule
+from massedit.editing.ft import FTConfig
+from massedit.editing.mend.config import MendConfig
+from massedit.editing.mend.editor import build_mend_net, load_editor, save_editor
+from massedit.lightning_modules.mend import AtomicCheckpointIO, MendModule
+from massedit.tasks.edit import edit_job
+from massedit.tasks.methods import TRAINABLE, UnknownMethodError
+from massedit.tasks.runs import setup_run
+from massedit.trainer import build_trainer, place_model
+
+log = logging.getLogger(__name__)
+
+
+def train_job(job) -> dict[str, Any]:
+    """Run ``job`` (a :class:`~massedit.tasks.config.TrainJobConfig`)."""
+    if isinstance(job.method, FTConfig):
+        return edit_job(job)
+    if isinstance(job.method, MendConfig):
+        return train_mend(job)
+    raise UnknownMethodError(f"method {job.method.name!r} has nothing to train; trainable: {list(TRAINABLE)}")
+
+
+def plot_history(history: list[dict], path) -> Path | None:
+    """MEND training / validation curves (edit loss, locality KL, edit accuracy) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [h for h in history if "train/loss" in h]
+    va = [h for h in history if "val/loss" in h]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = [("edit_loss", "edit NLL (edit_outer)"), ("loc_kl", "locality KL"), ("edit_acc", "edit token accuracy")]
+    for ax, (key, title) in zip(axes, panels):
+        if tr:
+            ax.plot([h["iter"] for h in tr], [h[f"train/{key}"] for h in tr], alpha=0.35, label="train (per opt. step)")
+        if va:
+            ax.plot([h["iter"] for h in va], [h[f"val/{key}"] for h in va], "o-", label="validation")
+            if key in ("edit_acc", "edit_loss"):
+                ax.plot([h["iter"] for h in va], [h[f"val/{key}_pre"] for h in va], "k--", lw=0.8, label="before edit")
+        ax.set_title(title)
+        ax.set_xlabel("iteration (edit examples)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def train_mend(job) -> dict[str, Any]:
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    m: MendConfig = job.method
+    t = m.train
+    run = setup_run(job)
+    try:
+        model, tok = load_model_and_tokenizer(job.model)
+        model.eval().requires_grad_(False)
+        net = load_editor(m.checkpoint, model) if m.checkpoint else build_mend_net(model, m)
+        dm = MendDataModule.from_config(job.data, t, tok)
+        module = MendModule(model, net, t, history_path=run.dir / "mend_history.json")
+        n_batches = max(1, t.max_iters // dm.batch_problems)
+        val_interval = max(1, min(t.val_interval // dm.batch_problems, n_batches))
+        monitor = t.monitor
+        mode = "max" if monitor.endswith("acc") or monitor.endswith("exact") else "min"
+        ckpt_cb = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), monitor=monitor, mode=mode, save_top_k=1,
+                                  save_last=True, filename="mend-best-{step}", auto_insert_metric_name=False)
+        callbacks = [ckpt_cb]
+        if t.early_stop_patience:
+            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(t.early_stop_patience)))
+        trainer = build_trainer(job.trainer, model_dtype=job.model.torch_dtype, logger=run.logger, callbacks=callbacks,
+                                max_epochs=1, max_steps=-1, val_check_interval=val_interval, check_val_every_n_epoch=1,
+                                enable_checkpointing=True, plugins=[AtomicCheckpointIO()], default_root_dir=str(run.dir))
+        place_model(model, trainer)
+        t0 = time.time()
+        log.info("MEND: %d inner params %s; %d editor parameters", len(net.inner), [p.param for p in net.inner],
+                 sum(p.numel() for p in net.parameters()))
+        if not job.ckpt_path:
+            trainer.validate(module, datamodule=dm, verbose=False)  # iteration 0: the untrained editor
+        trainer.fit(module, datamodule=dm, ckpt_path=job.ckpt_path)  # "last": resume this run directory's last checkpoint
+        train_s = time.time() - t0
+
+        best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
+        if best:
+            ck = torch.load(best, map_location="cpu", weights_only=True)
+            net.load_state_dict({k[len("net."):]: v for k, v in ck["state_dict"].items() if k.startswith("net.")})
+        results: dict[str, Any] = {"best_checkpoint": str(best), "iterations": module.iters,
+                                   "skipped_nonfinite": module.skipped, "train_seconds": train_s,
+                                   "edit_lrs": [float(v) for v in net.edit_lrs.detach().cpu()]}
+        vals = [h for h in module.history if "val/loss" in h]
+        results["val_first"] = vals[0] if vals else None
+        results["val_best"] = ((min if mode == "min" else max)(vals, key=lambda h: h[monitor])
+                               if vals and monitor in vals[0] else None)
+        if trainer.is_global_zero:
+            editor_path = save_editor(run.dir / "mend_editor.pt", net, meta={
+                "model": job.model.name_or_path, "best_checkpoint": str(best), "monitor": monitor,
+                "best_score": None if ckpt_cb.best_model_score is None else float(ckpt_cb.best_model_score),
+                "iterations": module.iters})
+            run.save_json("mend_history.json", module.history)
+            png = plot_history(module.history, run.dir / "mend_training.png")
+            results.update(editor=str(editor_path), plot=str(png))
+            run.save_json("results.json", results)
+            run.log_summary({k: v for k, v in (results["val_best"] or {}).items() if isinstance(v, float)})
+            log.info("MEND training done in %.0f s; editor -> %s", train_s, editor_path)
+            print(f"\nOutputs written to {run.dir}")
+        return results
+    finally:
+        run.finish()
