@@ -362,6 +362,17 @@ def test_two_process_ddp_equals_one_process(corpus_file, tmp_path):
         assert torch.allclose(two[layer].C, one[layer], rtol=1e-6, atol=1e-10)
 
 
+def test_two_process_ddp_with_fewer_batches_than_ranks(corpus_file, tmp_path):
+    """One batch for two ranks: the idle rank pads with a skipped step and still joins the all-reduce."""
+    model, tok = tiny_model("gpt2", n_layer=2)
+    cfg = _cfg(corpus_file, tmp_path, cache=False, n_tokens=40, dtype="float64")
+    one = get_second_moments(model, tok, [1], cfg, progress=False)
+    two = collect_layer_stats(model, tok, [1], cfg, progress=False,
+                              engine=_engine("lightning", devices=2, strategy="ddp_fork"))
+    assert two[1].count == 40 and sorted(two[1].meta["batches_per_rank"]) == [0, 1]
+    assert torch.allclose(two[1].C, one[1], rtol=1e-6, atol=1e-10)
+
+
 # ------------------------------------------------------------------------------------------ reference files
 def test_reference_npz_export_import_roundtrip(corpus_file, tmp_path):
     model, tok = tiny_model("gpt2", n_layer=3)

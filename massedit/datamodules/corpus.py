@@ -9,6 +9,9 @@ import torch
 from massedit.data.corpus import TokenBatches
 
 
+SKIP = -1  # index of a padding step (a rank with fewer batches than the others)
+
+
 class _BatchList(torch.utils.data.Dataset):
     def __init__(self, tb: TokenBatches, indices: Sequence[int]):
         self.tb, self.indices = tb, list(indices)
@@ -17,7 +20,8 @@ class _BatchList(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        return self.tb.tensors(self.indices[k])
+        j = self.indices[k]
+        return {"skip": torch.tensor(True)} if j == SKIP else self.tb.tensors(j)
 
 
 def batch_loader(tb: TokenBatches, indices: Sequence[int]) -> torch.utils.data.DataLoader:
@@ -38,11 +42,14 @@ class CorpusDataModule(pl.LightningDataModule):
         self.tb = token_batches
 
     def rank_indices(self) -> list[int]:
+        """This rank's batches not yet accumulated, padded with :data:`SKIP` steps to the same count on every rank
+        (at least one), so a rank with no batch left still takes part in the collective end of the epoch."""
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        idx = self.tb.shard(rank, world)
-        skip = int(getattr(getattr(trainer, "lightning_module", None), "resume_batches", 0) or 0)
-        return idx[skip:]
+        done = int(getattr(getattr(trainer, "lightning_module", None), "resume_batches", 0) or 0)
+        idx = self.tb.shard(rank, world)[done:]
+        steps = max(1, -(-len(self.tb.batches) // world) - done)
+        return idx + [SKIP] * max(0, steps - len(idx))
 
     def predict_dataloader(self):
         return batch_loader(self.tb, self.rank_indices())

@@ -105,11 +105,14 @@ class EvaluationDataModule(pl.LightningDataModule):
                  len(self.requests), len(self.groups), n_branches, len(self.score_batches), len(self.gen_items))
 
     def _loader(self, items):
-        """This rank's share of ``items`` (round-robin; every batch on exactly one rank, no padding)."""
+        """This rank's share of ``items``: round-robin, every item on exactly one rank; ranks with fewer items get
+        ``{"type": "skip"}`` batches so that every rank runs the same (non-zero) number of steps."""
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(_ListDataset(items[rank::world]), batch_size=None, shuffle=False, collate_fn=_identity,
-                          num_workers=0)
+        shard = items[rank::world]
+        steps = max(1, -(-len(items) // world))
+        shard = shard + [{"type": "skip"}] * (steps - len(shard))
+        return DataLoader(_ListDataset(shard), batch_size=None, shuffle=False, collate_fn=_identity, num_workers=0)
 
     def val_dataloader(self):
         loaders = [self._loader(self.score_batches)]

@@ -78,8 +78,9 @@ class EvaluationModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         if batch["type"] == "score":
             self._score(batch["groups"])
-        else:
+        elif batch["type"] == "gen":
             self._generate(batch)
+        # "skip": a padding step of a rank with fewer batches than the others
 
     test_step = validation_step
 
