@@ -111,6 +111,15 @@ def run_command(command: str, argv: Sequence[str] | None = None, prog: str | Non
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except _rank_failed() as e:  # another rank failed (its own message came first); this one did its part
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _rank_failed() -> type[BaseException]:
+    from massedit.trainer import RankFailedError
+
+    return RankFailedError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

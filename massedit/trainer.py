@@ -10,7 +10,10 @@ module back to the CPU when a stage ends.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import pickle
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -90,8 +93,8 @@ def lightning_kwargs(cfg: TrainerConfig, model_dtype: torch.dtype | None = None)
     """The ``pytorch_lightning.Trainer`` arguments that come from the config."""
     accelerator = "gpu" if cfg.accelerator == "cuda" else cfg.accelerator
     strategy = cfg.strategy
-    if strategy == "auto" and cfg.world_size > 1 and accelerator in ("cpu",):
-        strategy = "ddp"  # Lightning's default on CPU would be ddp_spawn, which cannot hand results back
+    if strategy == "auto" and cfg.world_size > 1:
+        strategy = "ddp"  # Lightning's default would be ddp_spawn on CPU (ddp_fork in notebooks): no results back
     return {"accelerator": accelerator, "devices": cfg.devices, "strategy": strategy,
             "precision": resolve_precision(cfg.precision, model_dtype), "num_nodes": int(cfg.num_nodes),
             "enable_progress_bar": bool(cfg.enable_progress_bar)}
@@ -112,8 +115,8 @@ def build_trainer(cfg: TrainerConfig | None = None, *, model_dtype: torch.dtype 
                               inference_mode=False, use_distributed_sampler=False, log_every_n_steps=1)
     kw.update(lightning_kwargs(cfg, model_dtype))
     kw.update(stage_kwargs)
-    with quiet_lightning():
-        return pl.Trainer(logger=logger, callbacks=list(callbacks), **kw)
+    with quiet_lightning():  # logger None = no logger (Lightning's None would mean a default one in ./lightning_logs)
+        return pl.Trainer(logger=logger if logger is not None else False, callbacks=list(callbacks), **kw)
 
 
 def place_model(model: torch.nn.Module, trainer) -> torch.device:
@@ -126,6 +129,39 @@ def place_model(model: torch.nn.Module, trainer) -> torch.device:
     if next(model.parameters()).device != device:
         model.to(device)
     return device
+
+
+SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def require_script_launch(cfg: TrainerConfig, job: str = "this job") -> None:
+    """Refuse strategies whose ranks are spawned/forked workers for the edit, eval and train jobs.
+
+    Those jobs keep the edited model, the deltas and the evaluation results in the process that runs the job;
+    with ``ddp_spawn``/``ddp_fork`` every stage runs in short-lived workers and nothing comes back to it.
+    ``ddp`` (Lightning re-runs the command once per rank) and external launchers (torchrun, srun) work."""
+    if str(cfg.strategy) in SPAWNING_STRATEGIES and cfg.world_size > 1:
+        raise TrainerConfigError(
+            f"trainer.strategy={cfg.strategy} is not supported by {job}: its ranks are spawned workers that cannot "
+            f"hand the edited model, deltas and results back; use trainer.strategy=ddp (the default for "
+            f"trainer.devices>1: every rank runs the whole command) or start the ranks with torchrun / srun")
+
+
+def launch_rank(cfg: TrainerConfig | None = None) -> int:
+    """This process's global rank as the launcher announced it in the environment, before any Trainer exists
+    (``RANK`` from torchrun; ``SLURM_PROCID`` under ``srun`` with several tasks; else Lightning's
+    ``NODE_RANK * devices + LOCAL_RANK``); 0 for a plain single process."""
+    import os
+
+    env = os.environ
+    if env.get("RANK", "").isdigit():
+        return int(env["RANK"])
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_PROCID", "").isdigit():
+        return int(env["SLURM_PROCID"])
+    local = int(env.get("LOCAL_RANK", "0") or 0)
+    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0")) or 0)
+    per_node = (cfg.world_size // max(1, int(cfg.num_nodes))) if cfg is not None else 1
+    return node * per_node + local
 
 
 @contextlib.contextmanager
@@ -158,6 +194,9 @@ _EXPECTED_WARNINGS = (
     ".*LeafSpec.*",                     # Lightning/torch pytree deprecation noise
     r".*module\(s\) in eval mode.*",     # FT trains one weight of a model kept in eval mode (no dropout)
     ".*is an invalid version and will not be supported.*",
+    ".*torch.distributed.nn.functional.all_gather is deprecated.*",  # inside Lightning's strategy.all_gather
+    ".*predict returned None.*",
+    ".*when logging on epoch level in distributed setting.*",  # FT-W logs losses already reduced over ranks        # the no-op step that starts the ranks (lightning_modules/distributed.py)
 )
 
 
@@ -176,3 +215,160 @@ def quiet_lightning():
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+
+
+# ================================================================================================ several ranks
+# How a multi-device job runs (``trainer.devices=N`` with ``trainer.strategy=ddp``, or an external launcher such as
+# ``torchrun`` / ``srun`` that starts N copies of the command itself):
+#
+# * Lightning's launcher re-runs the command once per extra rank when the first stage starts. :func:`start_ranks`
+#   makes that happen right after the Trainer is built (a one-step no-op ``predict``), before the model is loaded,
+#   so every later step runs on all ranks in lockstep and collectives work between stages too.
+# * :class:`StrategyCollective` is the :class:`~massedit.core.collective.Collective` the plain-torch editors get:
+#   it goes through ``trainer.strategy`` (``all_gather``, ``reduce``, ``broadcast``, ``barrier``).
+# * :func:`finish_ranks` ends the job: rank 0 waits for the ranks it launched and fails (non-zero exit) if any of
+#   them failed; after a failure on rank 0 the launched ranks are stopped.
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of this job exited with an error (its own message is above, prefixed with its rank)."""
+
+
+def _strategy(trainer_or_strategy):
+    return getattr(trainer_or_strategy, "strategy", trainer_or_strategy)
+
+
+def distributed_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class StrategyCollective:
+    """:class:`~massedit.core.collective.Collective` over a Lightning strategy (``trainer.strategy``).
+
+    Tensors travel on the strategy's ``root_device`` (this rank's GPU under NCCL, the CPU under gloo) and come
+    back on the device they were given on."""
+
+    def __init__(self, trainer_or_strategy):
+        self.strategy = _strategy(trainer_or_strategy)
+
+    @property
+    def rank(self) -> int:
+        return int(self.strategy.global_rank)
+
+    @property
+    def world_size(self) -> int:
+        return int(self.strategy.world_size) if distributed_ready() else 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.strategy.root_device
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        buf = io.BytesIO()
+        pickle.dump(obj, buf, protocol=pickle.HIGHEST_PROTOCOL)
+        data = torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8).to(self.device)
+        sizes = self.strategy.all_gather(torch.tensor([data.numel()], dtype=torch.int64, device=self.device))
+        sizes = [int(s) for s in sizes.reshape(-1).tolist()]
+        padded = torch.zeros(max(sizes), dtype=torch.uint8, device=self.device)
+        padded[: data.numel()] = data
+        parts = self.strategy.all_gather(padded).cpu()
+        return [pickle.loads(parts[r, : sizes[r]].numpy().tobytes()) for r in range(len(sizes))]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if self.world_size == 1:
+            return obj
+        return self.strategy.broadcast(obj, src=src)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor.clone()
+        t = tensor.detach().to(self.device, copy=True).contiguous()
+        return self.strategy.reduce(t, reduce_op="sum").to(tensor.device)
+
+    def barrier(self, name: str = "") -> None:
+        if self.world_size > 1:
+            self.strategy.barrier(name or None)
+
+
+def collective_for(trainer):
+    """A :class:`StrategyCollective` for ``trainer`` when it runs several ranks, else ``None`` (one process)."""
+    if trainer is None or int(getattr(trainer, "world_size", 1)) <= 1 or not distributed_ready():
+        return None
+    return StrategyCollective(trainer)
+
+
+# ------------------------------------------------------------------------------------------ start / finish
+def start_ranks(trainer, run=None) -> None:
+    """Start this job's other ranks now (no-op with one device or when they already run); ``run`` (a
+    :class:`massedit.tasks.runs.Run`) then takes rank 0's run directory on every rank.
+
+    Lightning's launcher re-runs the command for each extra rank when the first stage begins; doing it here, right
+    after the Trainer is built, means the other ranks only repeat the cheap steps before this call (compose, read
+    the requests, build the Trainer), and the process group exists for every collective that follows."""
+    if int(trainer.world_size) <= 1:
+        return
+    if not distributed_ready():
+        _launch(trainer)
+    if run is not None:
+        run.adopt_rank0_dir(StrategyCollective(trainer).broadcast_object)
+
+
+def _launch(trainer) -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    class _Launch(pl.LightningModule):  # one no-op step: its only purpose is to start the ranks
+        def predict_step(self, batch, batch_idx):
+            return None
+
+    bar = getattr(trainer, "progress_bar_callback", None)
+    was_enabled = bar is not None and bar.is_enabled
+    if was_enabled:
+        bar.disable()
+    try:
+        with quiet_lightning():
+            trainer.predict(_Launch(), dataloaders=DataLoader([0], batch_size=1), return_predictions=False)
+    finally:
+        if was_enabled:
+            bar.enable()
+    log.info("rank %d of %d started", trainer.global_rank, trainer.world_size)
+
+
+def rank0_value(trainer, value):
+    """Rank 0's ``value`` on every rank (e.g. a cache lookup whose answer decides whether a stage runs: every rank
+    must take the same branch)."""
+    c = collective_for(trainer)
+    return value if c is None else c.broadcast_object(value)
+
+
+def _children(trainer) -> list:
+    launcher = getattr(trainer.strategy, "launcher", None) if trainer is not None else None
+    return list(getattr(launcher, "procs", None) or [])
+
+
+def finish_ranks(trainer, failed: bool, timeout_s: float = 600.0) -> None:
+    """End of the job on this rank. Rank 0 of a job whose ranks Lightning launched waits for them; if one of them
+    failed, :class:`RankFailedError` (non-zero exit). After a failure here the launched ranks are stopped, so none
+    is left waiting in a collective. Ranks started by an external launcher (torchrun, srun) are that launcher's
+    business: it reports a failure of any rank."""
+    procs = _children(trainer)
+    if not procs:
+        return
+    if failed:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+        return
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=timeout_s))
+        except Exception:  # a rank that never finishes: stop it and fail
+            p.send_signal(signal.SIGKILL)
+            codes.append(f"still running after {timeout_s:.0f} s")
+    bad = [(i + 1, c) for i, c in enumerate(codes) if c != 0]
+    if bad:
+        raise RankFailedError("rank(s) " + ", ".join(f"{r} (exit {c})" for r, c in bad) +
+                              " failed; see their messages above")

@@ -20,8 +20,10 @@ from typing import Any, Mapping, Sequence
 import pytorch_lightning as pl
 import torch
 
+from massedit.core.collective import agree_on_tensors, broadcast_tensors
 from massedit.core.deltas import apply_deltas, revert_deltas, save_deltas
 from massedit.editing.editor import Editor
+from massedit.trainer import collective_for
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class ApplyEdit(pl.Callback):
         model, tok = self.language_model(pl_module), self._tok(pl_module)
         t0 = time.time()
         with torch.inference_mode(False), torch.enable_grad():
-            deltas = self.editor.edit(model, tok, self.requests)
+            deltas = self._distributed_edit(trainer, model, tok)
             self._backup = apply_deltas(model, deltas)  # checks names and shapes first
         self.deltas, self.seconds = deltas, time.time() - t0
         if self.save_path is not None and trainer.is_global_zero:
@@ -96,6 +98,31 @@ class ApplyEdit(pl.Callback):
         log.info("edited %d request(s) in %.1f s%s", len(self.requests), self.seconds,
                  f"; deltas saved to {self.saved_to}" if self.saved_to else "")
         self._done = True
+
+    def _distributed_edit(self, trainer, model, tok):
+        """``editor.edit`` on this rank's share of the work; every rank returns the same deltas.
+
+        One process: the editor as it is. Several ranks (``trainer.world_size > 1``): an editor with
+        ``distributed = "shared"`` (MEMIT, MEND, FT-W) runs on every rank and splits its work itself through the
+        ``collective`` it is handed; any other editor (ROME, which is sequential, saved deltas, a user's editor)
+        runs on rank 0 only and its deltas are broadcast. Afterwards every rank holds bit-identical deltas (checked
+        by hash; on a mismatch rank 0's are broadcast and a warning logged)."""
+        col = collective_for(trainer)
+        if col is None:
+            return self.editor.edit(model, tok, self.requests)
+        if getattr(self.editor, "distributed", None) == "shared":
+            self.editor.collective = col
+            try:
+                deltas = self.editor.edit(model, tok, self.requests)
+            finally:
+                self.editor.collective = None
+            return agree_on_tensors(col, deltas)
+        if col.rank == 0:
+            deltas = self.editor.edit(model, tok, self.requests)
+        else:
+            deltas = None
+            log.info("rank %d waits for rank 0's %s edit", col.rank, getattr(self.editor, "method", "editor"))
+        return broadcast_tensors(col, deltas, src=0)
 
     def _end_hook(self, trainer, pl_module, *args, **kwargs):
         if self.revert_at_end and self._backup is not None:

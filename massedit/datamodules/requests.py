@@ -7,12 +7,14 @@ with a leading space and no special tokens).
 """
 from __future__ import annotations
 
+import math
+import os
 from functools import partial
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from massedit.editing.ft import LOSSES, make_ft_batch
 
@@ -27,18 +29,63 @@ class RequestDataset(Dataset):
         return len(self.requests)
 
     def __getitem__(self, i):
+        if isinstance(i, tuple):  # (index, counts) from RequestBatchSampler
+            return self.requests[i[0]], i[1]
         return self.requests[i]
 
 
 def collate_requests(requests, tok, loss: str):
-    return make_ft_batch(tok, list(requests), loss=loss)
+    """A training batch; with :class:`RequestBatchSampler` it also carries ``n_real`` (requests of this rank that
+    count; 0 for a placeholder) and ``n_global`` (requests of the whole batch over all ranks)."""
+    items = list(requests)
+    if items and isinstance(items[0], tuple):
+        reqs = [r for r, _ in items]
+        batch = make_ft_batch(tok, reqs, loss=loss)
+        batch["n_real"] = torch.tensor(sum(c[0] for _, c in items))
+        batch["n_global"] = torch.tensor(items[0][1][1])
+        return batch
+    return make_ft_batch(tok, items, loss=loss)
+
+
+class RequestBatchSampler(Sampler):
+    """Batches of ``batch_size`` requests in file order (or a seeded shuffle per epoch, drawn exactly as
+    ``DataLoader(shuffle=True, generator=g)`` draws it), split across ranks: rank ``r`` takes elements
+    ``r::world_size`` of every batch, so every request is used exactly once per epoch and every rank runs the same
+    number of steps. A rank left without a request in a (last, small) batch gets the batch's first request as a
+    placeholder that counts zero. One rank: the batches of a plain ``DataLoader``."""
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.shuffle, self.generator = int(n), int(batch_size), bool(shuffle), generator
+        self.rank, self.world_size = int(rank), max(1, int(world_size))
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[list]:
+        if self.shuffle:
+            g = self.generator
+            if g is None:  # as torch's RandomSampler without a generator
+                g = torch.Generator()
+                g.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        for s in range(0, self.n, self.batch_size):
+            glob = order[s: s + self.batch_size]
+            mine = glob[self.rank:: self.world_size]
+            if mine:
+                yield [(i, (1, len(glob))) for i in mine]
+            else:
+                yield [(glob[0], (0, len(glob)))]
 
 
 class EditRequestsDataModule(pl.LightningDataModule):
     """Training batches of edit requests.
 
     ``batch_size`` requests per batch (the last one may be smaller), in file order unless
-    ``shuffle`` (the reference does not shuffle), ``seed`` fixes the shuffle order.
+    ``shuffle`` (the reference does not shuffle), ``seed`` fixes the shuffle order. Under DDP every batch is split
+    across the ranks (:class:`RequestBatchSampler`; use ``Trainer(use_distributed_sampler=False)``).
     """
 
     def __init__(self, requests: Sequence, tok, *, batch_size: int = 64, loss: str = "bag_last_position",
@@ -61,14 +108,19 @@ class EditRequestsDataModule(pl.LightningDataModule):
         make_ft_batch(tok, self.requests, loss=loss)
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         gen = None
-        if self.shuffle and self.seed is not None:
-            gen = torch.Generator().manual_seed(int(self.seed))
+        seed = self.seed
+        if self.shuffle and seed is None and world > 1:  # every rank must draw the same order
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if self.shuffle and seed is not None:
+            gen = torch.Generator().manual_seed(int(seed))
+        sampler = RequestBatchSampler(len(self.requests), self.batch_size, shuffle=self.shuffle, generator=gen,
+                                      rank=rank, world_size=world)
         return DataLoader(
             RequestDataset(self.requests),
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=gen,
+            batch_sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=partial(collate_requests, tok=self.tok, loss=self.loss),
         )

@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from massedit.core.collective import Collective, is_distributed
 from massedit.core.deltas import Deltas
 from massedit.editing.context_templates import sample_memit_templates, sample_rome_templates
 from massedit.editing.hparams import EditHparams
@@ -75,9 +76,17 @@ class RomeMemitEditor:
         self.progress = progress
         self.info: dict[str, Any] = {}
         self.intermediates: dict[str, Any] = {}
+        self.collective: Collective | None = None  # several ranks: set by the caller (ApplyEdit) for one edit
 
     def get_context_templates(self, model, tok):
-        """The configured templates, else sampled once from the (unedited) model with the seed."""
+        """The configured templates, else sampled once from the (unedited) model with the seed (several ranks:
+        sampled on rank 0 and broadcast, so that every rank uses the same ones)."""
+        if self.context_templates is None and is_distributed(self.collective):
+            mine = self._sample_templates(model, tok) if self.collective.rank == 0 else None
+            self.context_templates = self.collective.broadcast_object(mine, src=0)
+        return self._sample_templates(model, tok)
+
+    def _sample_templates(self, model, tok):
         if self.context_templates is None:
             t0 = time.time()
             hp = self.hparams

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 from massedit.core.adapters import get_adapter
+from massedit.core.collective import Collective, balanced_shards, gather_by_index, gather_columns, is_distributed
 from massedit.core.deltas import Deltas
 from massedit.core.models import model_fingerprint
 from massedit.editing.context_templates import as_groups, flatten
@@ -52,9 +53,34 @@ def memit_layer_update(K: torch.Tensor, E: torch.Tensor, C: torch.Tensor, lam: f
     return A, E_l, E_l @ A.T
 
 
+def request_weights(tok, requests, hp: EditHparams, templates: Sequence[str]) -> list[int]:
+    """Work per request for splitting it across ranks: the tokens of its optimisation rows (templates + KL row)."""
+    return [sum(len(x) for x in build_target_problem(tok, r, templates, hp.fact_token, hp.teacher_forcing,
+                                                     hp.kl_prompt).input_ids) for r in requests]
+
+
+def request_shards(tok, requests, hp: EditHparams, templates: Sequence[str], collective: Collective | None) -> list[list[int]]:
+    """Which requests each rank works on: :func:`~massedit.core.collective.balanced_shards` of their token counts
+    (the same split on every rank, computed without talking). One process: everything on rank 0."""
+    if not is_distributed(collective):
+        return [list(range(len(requests)))]
+    return balanced_shards(request_weights(tok, requests, hp, templates), collective.world_size)
+
+
 def compute_targets(model, tok, requests, hp: EditHparams, templates: Sequence[str], *, cache: TargetCache | None = None,
-                    progress: bool = True, batched: bool | None = None) -> list[TargetResult]:
-    """z for every request at block ``L = max(layers)`` (cached per request when ``cache`` is given)."""
+                    progress: bool = True, batched: bool | None = None, collective: Collective | None = None,
+                    shards: list[list[int]] | None = None) -> list[TargetResult]:
+    """z for every request at block ``L = max(layers)`` (cached per request when ``cache`` is given).
+
+    With a ``collective`` of several ranks each rank optimises (or reads from the cache) only its share
+    (``shards[rank]``, default :func:`request_shards`) and every rank returns all results, gathered in request order.
+    Each rank reads and writes the cache entries of its own share only (entries are written atomically)."""
+    if is_distributed(collective):
+        shards = shards or request_shards(tok, requests, hp, templates, collective)
+        mine = shards[collective.rank]
+        local = compute_targets(model, tok, [requests[i] for i in mine], hp, templates, cache=cache,
+                                progress=progress and collective.rank == 0, batched=batched) if mine else []
+        return gather_by_index(collective, mine, local, len(requests))
     adapter = get_adapter(model)
     L = hp.z_layer
     loss_layer = max(hp.v_loss_layer if hp.v_loss_layer is not None else adapter.num_layers - 1, L)
@@ -82,26 +108,52 @@ def compute_targets(model, tok, requests, hp: EditHparams, templates: Sequence[s
     return results  # type: ignore[return-value]
 
 
+def keys_and_hidden(model, tok, adapter, layer: int, z_layer: int, requests, groups, rule: str,
+                    collective: Collective | None = None, shards: list[list[int]] | None = None):
+    """``K [m, N]`` (keys at ``layer``, §2.3) and ``H [d, N]`` (block ``z_layer`` output at the bare prompts) on the
+    current model; with several ranks each rank reads the columns of its share and the columns are gathered."""
+    if not is_distributed(collective):
+        K = memit_keys(model, tok, adapter, layer, requests, groups, rule)
+        _, H = bare_prompt_io(model, tok, adapter.block_name(z_layer), requests, rule)
+        return K, H.T
+    mine = shards[collective.rank]
+    device = next(model.parameters()).device
+    if mine:
+        sub = [requests[i] for i in mine]
+        K = memit_keys(model, tok, adapter, layer, sub, groups, rule)
+        _, H = bare_prompt_io(model, tok, adapter.block_name(z_layer), sub, rule)
+        H = H.T
+    else:  # nothing to read on this rank; it still takes part in the gathers
+        K = torch.zeros(adapter.mlp_inner_size, 0, device=device)
+        H = torch.zeros(adapter.hidden_size, 0, device=device)
+    n = len(requests)
+    return gather_columns(collective, mine, K.float(), n), gather_columns(collective, mine, H.float(), n)
+
+
 def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_by_layer: dict[int, torch.Tensor], *,
                       cache: TargetCache | None = None, progress: bool = True, keep_intermediates: bool = True,
-                      targets: list[TargetResult] | None = None):
-    """One MEMIT batch, leaving the model **edited** (caller restores). Returns ``(deltas, intermediates)``."""
+                      targets: list[TargetResult] | None = None, collective: Collective | None = None):
+    """One MEMIT batch, leaving the model **edited** (caller restores). Returns ``(deltas, intermediates)``.
+
+    ``collective`` (several ranks): z, keys and bare-prompt outputs are computed on each rank for its share of the
+    requests and gathered; every rank then solves the same float64 system per layer and writes the same weights."""
     adapter = get_adapter(model)
     groups = as_groups(template_groups)
     flat = flatten(groups)
     layers = sorted(hp.layers)
     L = hp.z_layer
     device = next(model.parameters()).device
+    shards = request_shards(tok, requests, hp, flat, collective)
     if targets is None:
-        targets = compute_targets(model, tok, requests, hp, flat, cache=cache, progress=progress)
+        targets = compute_targets(model, tok, requests, hp, flat, cache=cache, progress=progress, collective=collective,
+                                  shards=shards)
     Z = torch.stack([t.target for t in targets], dim=1).to(device)  # [d, N]
     originals = {l: adapter.rewrite_weight(l).detach().clone() for l in layers}
     deltas: Deltas = {}
     per_layer = []
     for i, l in enumerate(layers):
-        K = memit_keys(model, tok, adapter, l, requests, groups, hp.fact_token)  # [m, N]
-        _, H = bare_prompt_io(model, tok, adapter.block_name(L), requests, hp.fact_token)
-        H = H.T  # [d, N]
+        K, H = keys_and_hidden(model, tok, adapter, l, L, requests, groups, hp.fact_token, collective, shards)
+        K, H = K.to(device), H.to(device)  # [m, N], [d, N]
         E = Z - H
         A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
         w = adapter.rewrite_weight(l)
@@ -120,7 +172,8 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
 
 
 def apply_memit(model, tok, requests, hp: EditHparams, template_groups, C_by_layer: dict[int, torch.Tensor], *,
-                cache: TargetCache | None = None, progress: bool = True, keep_intermediates: bool = True):
+                cache: TargetCache | None = None, progress: bool = True, keep_intermediates: bool = True,
+                collective: Collective | None = None):
     """MEMIT over ``requests`` in batches of ``hp.batch_size``; model restored; returns ``(deltas, info)``."""
     adapter = get_adapter(model)
     layers = sorted(hp.layers)
@@ -137,7 +190,8 @@ def apply_memit(model, tok, requests, hp: EditHparams, template_groups, C_by_lay
             if len(batches) > 1:
                 log.info("MEMIT batch %d/%d (%d requests)", b + 1, len(batches), len(chunk))
             _, inter = apply_memit_batch(model, tok, chunk, hp, template_groups, C_by_layer, cache=cache,
-                                         progress=progress, keep_intermediates=keep_intermediates)
+                                         progress=progress, keep_intermediates=keep_intermediates,
+                                         collective=collective)
             inters.append(inter)
             all_targets += inter["requests"]
         with torch.no_grad():
@@ -156,13 +210,15 @@ class MemitEditor(RomeMemitEditor):
     """``MemitEditor(hparams, stats).edit(model, tok, requests) -> deltas`` (model left as found)."""
 
     method = "memit"
+    distributed = "shared"  # several ranks: z, keys and H split by request (ApplyEdit hands over the collective)
 
     def edit(self, model, tok, requests) -> Deltas:
         t0 = time.time()
         hp = self.hparams.validate(get_adapter(model).num_layers)
         groups = as_groups(self.get_context_templates(model, tok))
         C = self.get_stats(model, tok, hp.layers)
-        deltas, inter = apply_memit(model, tok, list(requests), hp, groups, C, cache=self.cache, progress=self.progress)
+        deltas, inter = apply_memit(model, tok, list(requests), hp, groups, C, cache=self.cache, progress=self.progress,
+                                    collective=self.collective)
         self.intermediates = inter
         from types import SimpleNamespace
 
@@ -173,5 +229,6 @@ class MemitEditor(RomeMemitEditor):
             "method": "memit", "n_requests": len(requests), "layers": hp.layers, "lambda": hp.mom2_update_weight,
             "batch_size": hp.batch_size, "n_templates": len(flatten(groups)), "targets": summarize_results(tr),
             "seconds": round(time.time() - t0, 2), "delta_norms": {k: float(v.norm()) for k, v in deltas.items()},
+            "world_size": self.collective.world_size if self.collective is not None else 1,
         })
         return deltas

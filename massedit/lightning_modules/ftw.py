@@ -50,9 +50,21 @@ class FTWModule(pl.LightningModule):
         if not self.cfg.dropout:
             self.model.eval()  # reference: the model stays in eval mode (no dropout)
 
+    def _batch_loss(self, loss: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss of the whole batch, loss to backpropagate on this rank)``. One process: both are the loss. Under
+        DDP each rank holds ``n_real`` of the batch's ``n_global`` requests; the batch loss is their weighted mean
+        (all-reduced: every rank takes the same skip/stop decisions) and the backward loss is scaled so that DDP's
+        gradient average equals the gradient of the whole batch's mean loss, as with one process."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1 or "n_real" not in batch:
+            return loss, loss
+        n_real, n_global = batch["n_real"].to(loss), batch["n_global"].to(loss)
+        total = trainer.strategy.reduce((loss.detach() * n_real).reshape(1).clone(), reduce_op="sum")[0]
+        return total / n_global, loss * n_real * trainer.world_size / n_global
+
     def training_step(self, batch, batch_idx):
-        loss = ft_loss(self.model, batch, self.cfg.loss)
-        bs = int(batch["input_ids"].shape[0])
+        loss, local = self._batch_loss(ft_loss(self.model, batch, self.cfg.loss), batch)
+        bs = int(batch["n_global"]) if "n_global" in batch else int(batch["input_ids"].shape[0])
         self._epoch_losses.append(loss.detach())
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         if not torch.isfinite(loss):
@@ -61,7 +73,7 @@ class FTWModule(pl.LightningModule):
             self.skipped_batches += 1
             return None  # reference: no backward/step on an already-fitted batch
         self.optimizer_steps += 1
-        return loss
+        return local
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         eps = self.cfg.norm_constraint
@@ -126,13 +138,19 @@ def fit_ft(model: nn.Module, tok, requests: Sequence, cfg: FTConfig, trainer_cfg
     t0 = time.time()
     try:
         with quiet_lightning(), keep_device(model):  # Lightning's teardown would move the module to the CPU
+            # several devices: DDP over the requests (RequestBatchSampler splits every batch). Inside a running
+            # multi-rank job this Trainer joins the existing ranks and process group (nothing is launched again).
             trainer = build_trainer(trainer_cfg, model_dtype=next(model.parameters()).dtype,
                                     logger=logger if logger is not None else False, callbacks=list(callbacks or []),
                                     max_epochs=int(cfg.epochs), max_steps=int(cfg.max_steps),
-                                    gradient_clip_val=cfg.grad_clip, use_distributed_sampler=True)
+                                    gradient_clip_val=cfg.grad_clip, use_distributed_sampler=False)
             model.requires_grad_(False)
             for p in params.values():
                 p.requires_grad_(True)
+            # DDP syncs only the tuned weights (not the whole frozen model at wrap time)
+            module._ddp_params_and_buffers_to_ignore = (
+                [f"model.{n}" for n, _ in model.named_parameters() if n not in params]
+                + [f"model.{n}" for n, _ in model.named_buffers()])
             trainer.fit(module, datamodule=dm)
         deltas = diff_from(model, originals)
     finally:
@@ -151,6 +169,8 @@ class FTEditor:
     The model is left exactly as found (weights restored bit-identically, ``requires_grad`` flags and
     train/eval mode restored). ``info`` holds the training summary of the last edit.
     """
+
+    distributed = "shared"  # several ranks: every rank trains (DDP over the requests), same deltas everywhere
 
     def __init__(self, cfg: FTConfig, trainer_cfg: TrainerConfig | None = None, logger=None):
         self.cfg, self.trainer_cfg, self.logger = cfg, trainer_cfg, logger

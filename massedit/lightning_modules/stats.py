@@ -116,10 +116,12 @@ class LightningStatsEngine:
     def world_size(self) -> int:
         return int(self.trainer.world_size)
 
-    def __call__(self, model: torch.nn.Module, job) -> None:
+    def __call__(self, model: torch.nn.Module, job) -> MomentState | None:
+        """Collect; returns the summed (all-reduced) state, the same on every rank (``None`` with spawned workers)."""
         from massedit.datamodules.corpus import CorpusDataModule
         from massedit.trainer import keep_device, quiet_lightning
 
+        module = SecondMomentModule(model, job)
         with quiet_lightning(), keep_device(model):
-            self.trainer.predict(SecondMomentModule(model, job), datamodule=CorpusDataModule(job.token_batches),
-                                 return_predictions=False)
+            self.trainer.predict(module, datamodule=CorpusDataModule(job.token_batches), return_predictions=False)
+        return module.state if module.state is not None and module.state.count else None

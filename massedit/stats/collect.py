@@ -298,10 +298,10 @@ def collect_layer_stats(
     log.info("collecting second moments of %s over %d tokens (%d documents, %d batches, max_length %d, %s sums, %d rank(s))",
              modules, tb.n_tokens, tb.n_docs, len(tb.batches), max_length, s.acc_dtype_name, world)
     try:
-        engine(model, job)
+        state = engine(model, job)
         for layer in missing:
             module = a.rewrite_name(layer)
-            total, count, fmeta = cache_mod.load_stats_file(result_paths[module])
+            total, count, fmeta = _collected(state, module, result_paths[module], meta[module])
             out[layer] = LayerStats(layer, module, total, count, "computed",
                                     str(paths[layer]) if s.cache else None, keys[layer][0], keys[layer][1], fmeta)
         job.clear_partials(world)
@@ -312,6 +312,14 @@ def collect_layer_stats(
     log.info("collected %d layers over %d tokens in %.1f s (%.0f tokens/s)", len(missing), tb.n_tokens, dt,
              tb.n_tokens / max(dt, 1e-9))
     return out
+
+
+def _collected(state, module: str, path: str, meta: dict) -> tuple[torch.Tensor, int, dict]:
+    """A freshly collected layer: the file rank 0 wrote, else (another node, or ``stats.cache=false`` with its
+    per-process temporary folder) the all-reduced sums the engine returned, which are the same numbers."""
+    if Path(path).exists() or not isinstance(state, MomentState):
+        return cache_mod.load_stats_file(path)
+    return state.full_sums()[module].cpu(), int(state.count), dict(meta, count=int(state.count))
 
 
 def get_second_moments(model, tok, layers: list[int], stats_cfg: Any = None, *, model_name: str | None = None,

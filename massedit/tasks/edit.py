@@ -29,7 +29,7 @@ from massedit.tasks.evaluate import (eval_job, evaluation_components, evaluation
                                      pre_eval_cache_path, report, save_cached_result)
 from massedit.tasks.methods import build_editor, stats_provider
 from massedit.tasks.runs import setup_run
-from massedit.trainer import build_trainer, place_model
+from massedit.trainer import build_trainer, finish_ranks, place_model, rank0_value, require_script_launch, start_ranks
 
 log = logging.getLogger("massedit.edit")
 
@@ -38,21 +38,27 @@ SUMMARY_KEYS = ("score", "efficacy_success", "paraphrase_success", "neighborhood
 
 def edit_job(job) -> dict[str, Any]:
     """Run the job described by ``job`` (an :class:`~massedit.tasks.config.EditJobConfig`, or a train job of FT)."""
+    require_script_launch(job.trainer, f"massedit {getattr(job, 'mode', 'edit')}")
     requests = load_requests_from_config(job.data)
     run = setup_run(job)
+    trainer, failed = None, True
     try:
         log.info("%d edit requests from %s", len(requests), job.data.path)
         trainer = build_trainer(job.trainer, model_dtype=job.model.torch_dtype, logger=run.logger)
+        start_ranks(trainer, run)  # several devices: all ranks from here on, one run directory (rank 0's)
         model, tok = load_model_and_tokenizer(job.model)
         place_model(model, trainer)
         if getattr(job, "mode", "edit") == "eval":
-            return eval_job(job, run, trainer, model, tok, requests)
-        results = _edit_and_evaluate(job, run, trainer, model, tok, requests)
-        if trainer.is_global_zero:
-            print(f"\nOutputs written to {run.dir}")
+            results = eval_job(job, run, trainer, model, tok, requests)
+        else:
+            results = _edit_and_evaluate(job, run, trainer, model, tok, requests)
+            if trainer.is_global_zero:
+                print(f"\nOutputs written to {run.dir}")
+        failed = False
         return results
     finally:
         run.finish()
+        finish_ranks(trainer, failed)  # rank 0: a failure on any other rank fails the job
 
 
 def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any]:
@@ -60,7 +66,7 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
     pre = None
     if job.eval.pre:
         cache = pre_eval_cache_path(model, requests, job.eval) if job.eval.cache_pre else None
-        pre = load_cached_result(cache) if cache is not None else None
+        pre = rank0_value(trainer, load_cached_result(cache) if cache is not None else None)  # one branch, all ranks
         if pre is None:
             pre = evaluation_stage(trainer, module, dm, "pre")
             if cache is not None and trainer.is_global_zero:

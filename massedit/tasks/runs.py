@@ -80,29 +80,50 @@ def _numeric(d: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))}
 
 
+RUN_DIR_ENV = "MASSEDIT_RUN_DIR"  # rank 0's run directory, inherited by the ranks Lightning's launcher starts
+
+
 @dataclass
 class Run:
-    """A run directory plus the experiment logger."""
+    """A run directory plus the experiment logger. Several ranks: one directory, written by rank 0 only (the
+    writing methods do nothing on the other ranks, which have no logger)."""
 
     config: Any
     dir: Path
     logger: Any = None
     _file_handler: logging.Handler | None = field(default=None, repr=False)
+    rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
     def save_json(self, name: str, obj: Any) -> Path:
+        if not self.is_main:
+            return self.dir / name
         return atomic_write_json(self.dir / name, obj)
 
+    def adopt_rank0_dir(self, broadcast) -> None:
+        """Take rank 0's directory (``broadcast(obj) -> rank 0's obj``): the ranks of an external launcher
+        (torchrun, srun) cannot inherit it from rank 0's environment."""
+        d = Path(broadcast(str(self.dir)))
+        if d != self.dir:
+            log.debug("rank %d: run directory %s (chosen by rank 0)", self.rank, d)
+            self.dir = d
+
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if self.logger is not None:
+        if self.logger is not None and self.is_main:
             clean = _numeric(metrics)
             if clean:
                 self.logger.log_metrics(clean, step=step)
 
     def log_summary(self, metrics: dict[str, Any]) -> None:
         """Final numbers: the W&B run summary when available, else regular metrics."""
+        if not self.is_main:
+            return
         exp = self._wandb_experiment()
         if exp is not None:
             for k, v in metrics.items():
@@ -123,6 +144,8 @@ class Run:
     def log_evaluation(self, pre, post, summary: dict[str, Any]) -> None:
         """W&B: run summary ``eval/{stage}/{metric}`` and a per-case ``wandb.Table``; other Lightning loggers (CSV,
         ...): ``log_metrics`` of the same numbers. A logging failure never loses the written report."""
+        if not self.is_main:
+            return
         flat = {}
         for name, d in summary["metrics"].items():
             for stage in ("pre", "post"):
@@ -166,14 +189,37 @@ class Run:
             self._file_handler.close()
 
 
-def configure_logging(level: str | int = "INFO") -> None:
+def configure_logging(level: str | int = "INFO", rank: int = 0) -> None:
+    """Log to stderr at ``level``. Ranks other than 0 only log errors, prefixed ``[rank N]``: rank 0 tells the story
+    of the job once (every rank runs the same steps, so their info and warnings would repeat rank 0's)."""
     root = logging.getLogger()
     if not any(getattr(h, "_massedit", False) for h in root.handlers):
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S"))
+        prefix = f"[rank {rank}] " if rank else ""
+        h.setFormatter(logging.Formatter(prefix + "[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S"))
         h._massedit = True  # type: ignore[attr-defined]
         root.addHandler(h)
+    if rank:
+        try:  # transformers' "Loading weights" bars: once, from rank 0
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+        n = level if isinstance(level, int) else logging.getLevelName(str(level).upper())
+        level = max(n if isinstance(n, int) else logging.INFO, logging.ERROR)
     root.setLevel(level)
+
+
+def choose_run_dir(job, rank: int = 0, world_size: int = 1) -> Path:
+    """The run directory: rank 0 picks it (``output_dir``, else ``<output_root>/<run_name or method-timestamp>``)
+    and, with several ranks, leaves it in ``$MASSEDIT_RUN_DIR`` for the ranks Lightning's launcher starts later
+    (they re-run the command and inherit rank 0's environment); those ranks take it from there."""
+    inherited = os.environ.get(RUN_DIR_ENV) if rank > 0 else None
+    run_dir = Path(inherited or job.output_dir or default_run_dir(job)).expanduser().resolve()
+    if rank == 0 and world_size > 1:
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir
 
 
 def make_logger(cfg: LoggerConfig, run_dir: Path, config_dict: dict[str, Any]):
@@ -195,17 +241,23 @@ def make_logger(cfg: LoggerConfig, run_dir: Path, config_dict: dict[str, Any]):
 def setup_run(job) -> Run:
     """Create the run directory, write the resolved config, attach a log file, seed, build the logger."""
     from massedit.tasks.config import as_dict, to_yaml
+    from massedit.trainer import launch_rank
 
-    configure_logging(job.log_level)
-    run_dir = Path(job.output_dir or default_run_dir(job)).expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(job))
-    fh = logging.FileHandler(run_dir / "run.log")
-    fh.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s"))
-    logging.getLogger().addHandler(fh)
+    trainer_cfg = getattr(job, "trainer", None)
+    rank = launch_rank(trainer_cfg)
+    world = int(getattr(trainer_cfg, "world_size", 1) or 1)
+    configure_logging(job.log_level, rank=rank)
+    run_dir = choose_run_dir(job, rank, world)
+    fh = None
+    if rank == 0:  # one directory, one config.yaml, one run.log: the other ranks write nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(job))
+        fh = logging.FileHandler(run_dir / "run.log")
+        fh.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s"))
+        logging.getLogger().addHandler(fh)
     from pytorch_lightning import seed_everything
 
     seed_everything(int(job.seed), workers=True, verbose=False)
-    logger = make_logger(job.logger, run_dir, as_dict(job))
+    logger = make_logger(job.logger, run_dir, as_dict(job)) if rank == 0 else None
     log.info("run directory: %s", run_dir)
-    return Run(config=job, dir=run_dir, logger=logger, _file_handler=fh)
+    return Run(config=job, dir=run_dir, logger=logger, _file_handler=fh, rank=rank)

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from massedit.core.collective import Collective, balanced_shards, is_distributed
 from massedit.core.deltas import Deltas
 from massedit.data.requests import EditRequest
 
@@ -62,7 +63,8 @@ CONCURRENT_LOSSES = ("request_sum", "tokens_mean")
 
 def accumulate_pseudo_gradients(model: nn.Module, tok, net: MendNet, requests: Sequence[EditRequest], *,
                                 chunk_size: int = 64, max_length: int | None = None,
-                                progress: bool = False, concurrent_loss: str = "request_sum") -> dict[str, torch.Tensor]:
+                                progress: bool = False, concurrent_loss: str = "request_sum",
+                                n_total: int | None = None) -> dict[str, torch.Tensor]:
     """``{param -> Σ over all requests' rows of x̂ δ̂ᵀ}`` (``[out, in]``, fp32), computed in chunks.
 
     ``concurrent_loss``:
@@ -70,6 +72,9 @@ def accumulate_pseudo_gradients(model: nn.Module, tok, net: MendNet, requests: S
     * ``tokens_mean`` (reference §5.6): one loss = mean target NLL over all tokens of all requests; a
       chunk's loss is its summed NLL divided by the token count of *all* requests, so the factor rows are
       those of one batch holding every request.
+    ``n_total`` (``tokens_mean``): the target-token count of the whole request set when ``requests`` is one rank's
+    share of it (default: the tokens of ``requests``).
+
     * ``request_sum`` (default): the sum over requests of each request's own token-mean NLL, so every
       request's ``δ`` rows have the scale the editor was trained on, and (the editor acting row-wise in
       eval mode) the result is exactly the sum of the N single-request MEND edits. With ``tokens_mean``
@@ -81,7 +86,7 @@ def accumulate_pseudo_gradients(model: nn.Module, tok, net: MendNet, requests: S
     if not requests:
         return {}
     dev = model_device(model)
-    n_total = total_target_tokens(tok, requests)
+    n_total = total_target_tokens(tok, requests) if n_total is None else int(n_total)
     g_sum: dict[str, torch.Tensor] = {}
     chunks = [requests[i: i + chunk_size] for i in range(0, len(requests), chunk_size)]
     it = chunks
@@ -109,16 +114,44 @@ def accumulate_pseudo_gradients(model: nn.Module, tok, net: MendNet, requests: S
     return g_sum
 
 
+def request_token_counts(tok, requests: Sequence[EditRequest]) -> list[int]:
+    """Prompt + target tokens per request: the work of one request, for splitting requests across ranks."""
+    from massedit.core.tokenization import encode, target_token_ids
+
+    return [len(encode(tok, r.filled_prompt)) + len(target_token_ids(tok, r.target_new)) for r in requests]
+
+
+def shared_pseudo_gradients(model: nn.Module, tok, net: MendNet, requests: Sequence[EditRequest],
+                            collective: Collective, **kwargs) -> dict[str, torch.Tensor]:
+    """:func:`accumulate_pseudo_gradients` with the requests split across ranks (balanced by tokens): each rank
+    sums the pseudo-gradients of its share and the sums are all-reduced, so every rank holds the total."""
+    requests = list(requests)
+    mine = balanced_shards(request_token_counts(tok, requests), collective.world_size)[collective.rank]
+    share = [requests[i] for i in mine]
+    g = accumulate_pseudo_gradients(model, tok, net, share, n_total=total_target_tokens(tok, requests), **kwargs)
+    dt = next(net.parameters()).dtype
+    dev = model_device(model)
+    return {p.param: collective.all_reduce_sum(g[p.param] if p.param in g else
+                                               torch.zeros(p.out_dim, p.in_dim, dtype=dt, device=dev))
+            for p in net.inner} if requests else {}
+
+
 def mend_deltas(model: nn.Module, tok, net: MendNet, requests: Sequence[EditRequest], *, chunk_size: int = 64,
                 lr_scale: float = 1.0, max_length: int | None = None, progress: bool = False,
-                concurrent_loss: str = "request_sum") -> Deltas:
+                concurrent_loss: str = "request_sum", collective: Collective | None = None) -> Deltas:
     """One deltas dict (param name -> ΔW in the parameter's layout) for all ``requests`` together
-    (see :func:`accumulate_pseudo_gradients` for ``concurrent_loss``)."""
+    (see :func:`accumulate_pseudo_gradients` for ``concurrent_loss``). ``collective`` (several ranks): the
+    pseudo-gradients are accumulated per rank over its share of the requests and all-reduced
+    (:func:`shared_pseudo_gradients`); every rank returns the same deltas."""
     was_training = net.training
     net.eval()
     try:
-        g = accumulate_pseudo_gradients(model, tok, net, requests, chunk_size=chunk_size, max_length=max_length,
-                                        progress=progress, concurrent_loss=concurrent_loss)
+        kw = dict(chunk_size=chunk_size, max_length=max_length, concurrent_loss=concurrent_loss)
+        if is_distributed(collective):
+            g = shared_pseudo_gradients(model, tok, net, requests, collective,
+                                        progress=progress and collective.rank == 0, **kw)
+        else:
+            g = accumulate_pseudo_gradients(model, tok, net, requests, progress=progress, **kw)
         out: Deltas = {}
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -201,12 +234,14 @@ class MendEditor:
     """
 
     method = "mend"
+    distributed = "shared"  # several ranks: requests split, pseudo-gradients all-reduced (collective from ApplyEdit)
 
     def __init__(self, cfg: MendConfig, progress: bool = True):
         self.cfg = cfg
         self.progress = progress
         self.net: MendNet | None = None
         self.info: dict[str, Any] = {}
+        self.collective: Collective | None = None
 
     def load(self, model: nn.Module) -> MendNet:
         if self.cfg.checkpoint:
@@ -221,7 +256,7 @@ class MendEditor:
         c = self.cfg
         deltas = mend_deltas(model, tok, self.net, list(requests), chunk_size=int(c.edit_chunk_size),
                              lr_scale=float(c.lr_scale), max_length=c.max_length, progress=self.progress,
-                             concurrent_loss=c.concurrent_loss)
+                             concurrent_loss=c.concurrent_loss, collective=self.collective)
         seconds = time.perf_counter() - t0
         self.info = {"method": "mend", "n_requests": len(requests), "seconds": round(seconds, 2),
                      "checkpoint": c.checkpoint, "delta_norms": {k: float(v.norm()) for k, v in deltas.items()}}
