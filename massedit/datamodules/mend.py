@@ -19,7 +19,7 @@ from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from massedit.data.requests import DataConfig, EditRequest, RequestValidationError, load_requests, load_requests_from_config
 from massedit.editing.mend.config import MendTrainConfig
@@ -115,6 +115,31 @@ def load_training_requests(data_cfg: DataConfig, train_cfg: MendTrainConfig) -> 
     return reqs[:-n_val], reqs[-n_val:]
 
 
+class ReplacementBatchSampler(Sampler):
+    """Batches of examples drawn with replacement (``max_iters × n_edits`` draws in all, seeded), shared out
+    across ranks: rank ``r`` takes batches ``r::world_size``, so ``max_iters`` counts the edit problems seen by the
+    whole job, with one rank or N (N ranks: rounded up to a whole number of batches per rank, every rank runs the
+    same number of steps). One rank: exactly the batches of ``DataLoader(sampler=RandomSampler(replacement=True,
+    num_samples, generator), batch_size)``. (Lightning must not replace it: ``use_distributed_sampler=False``.)"""
+
+    def __init__(self, n_items: int, batch_size: int, num_samples: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.n_items, self.batch_size, self.seed = int(n_items), max(1, int(batch_size)), int(seed)
+        self.rank, self.world_size = int(rank), max(1, int(world_size))
+        n_batches = -(-int(num_samples) // self.batch_size)
+        self.per_rank = -(-n_batches // self.world_size)
+        self.num_samples = int(num_samples) if self.world_size == 1 else self.per_rank * self.world_size * self.batch_size
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        draws = list(RandomSampler(range(self.n_items), replacement=True, num_samples=self.num_samples, generator=g))
+        batches = [draws[s: s + self.batch_size] for s in range(0, len(draws), self.batch_size)]
+        yield from batches[self.rank:: self.world_size]
+
+
 class MendDataModule(pl.LightningDataModule):
     """Random edit examples (with replacement, ``max_iters`` batches of ``n_edits``) for training; a fixed set of
     ``val_size`` examples for each validation round."""
@@ -140,11 +165,12 @@ class MendDataModule(pl.LightningDataModule):
                    val_size=t.val_size, max_length=t.max_length, seed=t.seed)
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        n = self.max_iters * self.n_edits  # max_iters = edit problems seen (reference iterations)
-        sampler = RandomSampler(MendDataset(self.train_examples), replacement=True, num_samples=n, generator=g)
-        return DataLoader(MendDataset(self.train_examples), batch_size=self.batch_size, sampler=sampler,
-                          collate_fn=self.collate, num_workers=0)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ReplacementBatchSampler(len(self.train_examples), self.batch_size, self.max_iters * self.n_edits,
+                                          seed=self.seed, rank=rank, world_size=world)
+        return DataLoader(MendDataset(self.train_examples), batch_sampler=sampler, collate_fn=self.collate,
+                          num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(MendDataset(self.val_examples), batch_size=self.batch_size, shuffle=False,

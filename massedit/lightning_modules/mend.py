@@ -64,8 +64,18 @@ class MendModule(pl.LightningModule):
         if next(self.lm.parameters()).device != self.device:
             self.lm.to(self.device)
 
+    @property
+    def _world(self) -> int:
+        return int(self._trainer.world_size) if self._trainer is not None else 1
+
     def on_fit_start(self):
         self._place_model()
+        from massedit.trainer import collective_for
+
+        self.net.set_collective(collective_for(self._trainer))  # several ranks: one set of norm statistics
+
+    def on_fit_end(self):
+        self.net.set_collective(None)
 
     def on_validation_start(self):
         self._place_model()
@@ -83,13 +93,15 @@ class MendModule(pl.LightningModule):
         out = mend_step(self.lm, self.net, batch, float(self.cfg.cedit), float(self.cfg.cloc), with_pre=False)
         loss = out["loss"]
         G = int(batch.get("n_groups", 1))
-        # `accumulate` counts edit problems (reference accumulate_bs); a batch holds G of them
-        per_step = max(1, int(self.cfg.accumulate) // G)
+        # `accumulate` counts edit problems (reference accumulate_bs) per optimiser step; a batch holds G of them
+        # and under DDP every step averages the gradients of all ranks' batches
+        world = self._world
+        per_step = max(1, int(self.cfg.accumulate) // (G * world))
         if torch.isfinite(loss):             # the reference's safe_backward skips non-finite losses
             self.manual_backward(loss / per_step)
         else:
             self.skipped += 1
-        self.iters += G
+        self.iters += G * world  # edit problems seen by the whole job
         self._batches += 1
         for k, v in out.items():
             self._acc.setdefault(k, []).append(float(v.detach()))
@@ -106,6 +118,11 @@ class MendModule(pl.LightningModule):
             opt.zero_grad(set_to_none=True)
             lr_opt.zero_grad(set_to_none=True)
             row = {f"train/{k}": sum(v) / len(v) for k, v in self._acc.items()}
+            if world > 1:  # the job's numbers: mean over the ranks' batches of this step
+                keys = sorted(row)
+                mean = self.trainer.strategy.reduce(torch.tensor([row[k] for k in keys], dtype=torch.float64,
+                                                                 device=self.device), reduce_op="mean")
+                row = dict(zip(keys, mean.tolist()))
             row.update({"iter": self.iters, "train/grad_norm": float(gnorm), "time_s": time.time() - self._t0,
                         "train/edit_lr_mean": float(self.net.edit_lrs.detach().mean())})
             self._acc = {}

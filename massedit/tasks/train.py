@@ -25,7 +25,7 @@ from massedit.lightning_modules.mend import AtomicCheckpointIO, MendModule
 from massedit.tasks.edit import edit_job
 from massedit.tasks.methods import TRAINABLE, UnknownMethodError
 from massedit.tasks.runs import setup_run
-from massedit.trainer import build_trainer, place_model
+from massedit.trainer import build_trainer, finish_ranks, place_model, require_script_launch, start_ranks
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,13 @@ def train_mend(job) -> dict[str, Any]:
 
     m: MendConfig = job.method
     t = m.train
+    require_script_launch(job.trainer, "massedit train method=mend")
     run = setup_run(job)
+    trainer, failed = None, True
     try:
-        model, tok = load_model_and_tokenizer(job.model)
-        model.eval().requires_grad_(False)
-        net = load_editor(m.checkpoint, model) if m.checkpoint else build_mend_net(model, m)
-        dm = MendDataModule.from_config(job.data, t, tok)
-        module = MendModule(model, net, t, history_path=run.dir / "mend_history.json")
-        n_batches = max(1, t.max_iters // dm.batch_problems)
-        val_interval = max(1, min(t.val_interval // dm.batch_problems, n_batches))
+        world = int(job.trainer.world_size)
+        n_batches = max(1, -(-t.max_iters // (dm_batch_problems(t) * world)))  # per rank: max_iters is job-wide
+        val_interval = max(1, min(t.val_interval // (dm_batch_problems(t) * world), n_batches))
         monitor = t.monitor
         mode = "max" if monitor.endswith("acc") or monitor.endswith("exact") else "min"
         ckpt_cb = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), monitor=monitor, mode=mode, save_top_k=1,
@@ -91,6 +89,17 @@ def train_mend(job) -> dict[str, Any]:
         trainer = build_trainer(job.trainer, model_dtype=job.model.torch_dtype, logger=run.logger, callbacks=callbacks,
                                 max_epochs=1, max_steps=-1, val_check_interval=val_interval, check_val_every_n_epoch=1,
                                 enable_checkpointing=True, plugins=[AtomicCheckpointIO()], default_root_dir=str(run.dir))
+        start_ranks(trainer, run)  # several devices: all ranks from here on, one run directory (rank 0's)
+        model, tok = load_model_and_tokenizer(job.model)
+        model.eval().requires_grad_(False)
+        if m.checkpoint:
+            net = load_editor(m.checkpoint, model)
+        else:  # the initial editor depends on the seed only (not on what drew random numbers before, e.g. the ranks)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(job.seed))
+                net = build_mend_net(model, m)
+        dm = MendDataModule.from_config(job.data, t, tok)
+        module = MendModule(model, net, t, history_path=run.dir / "mend_history.json")
         place_model(model, trainer)
         t0 = time.time()
         log.info("MEND: %d inner params %s; %d editor parameters", len(net.inner), [p.param for p in net.inner],
@@ -101,7 +110,7 @@ def train_mend(job) -> dict[str, Any]:
         train_s = time.time() - t0
 
         best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
-        if best:
+        if best and trainer.is_global_zero:  # rank 0 wrote it and exports the editor
             ck = torch.load(best, map_location="cpu", weights_only=True)
             net.load_state_dict({k[len("net."):]: v for k, v in ck["state_dict"].items() if k.startswith("net.")})
         results: dict[str, Any] = {"best_checkpoint": str(best), "iterations": module.iters,
@@ -123,6 +132,12 @@ def train_mend(job) -> dict[str, Any]:
             run.log_summary({k: v for k, v in (results["val_best"] or {}).items() if isinstance(v, float)})
             log.info("MEND training done in %.0f s; editor -> %s", train_s, editor_path)
             print(f"\nOutputs written to {run.dir}")
+        failed = False
         return results
     finally:
         run.finish()
+        finish_ranks(trainer, failed)  # rank 0: a failure on any other rank fails the job
+
+
+def dm_batch_problems(t) -> int:
+    return max(1, int(t.batch_problems))

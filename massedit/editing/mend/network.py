@@ -29,25 +29,30 @@ class RunningNorm(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("m2", torch.zeros(dim))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.collective = None  # several ranks (training under DDP): every update merges the rows of all ranks
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor) -> None:
-        """Merge ``rows [n, dim]`` into the running statistics."""
-        if rows.numel() == 0:
-            return
+        """Merge ``rows [n, dim]`` into the running statistics. With a :attr:`collective` of several ranks the
+        block is the rows of all ranks (their block statistics are exchanged and merged in rank order), so every
+        rank keeps the same statistics: those of every row the job has seen."""
         rows = rows.detach().to(self.mean.dtype)
         n_b = float(rows.shape[0])
-        mean_b = rows.mean(0)
-        m2_b = ((rows - mean_b) ** 2).sum(0)
+        mean_b = rows.mean(0) if n_b else torch.zeros_like(self.mean)
+        m2_b = ((rows - mean_b) ** 2).sum(0) if n_b else torch.zeros_like(self.m2)
+        c = self.collective
+        if c is not None and int(c.world_size) > 1:
+            n_b, mean_b, m2_b = all_ranks_moments(c, n_b, mean_b, m2_b)
+        if n_b == 0:
+            return
         n_a = float(self.count)
         if n_a == 0:
             self.mean.copy_(mean_b)
             self.m2.copy_(m2_b)
         else:
-            n = n_a + n_b
-            delta = mean_b - self.mean
-            self.mean.add_(delta * (n_b / n))
-            self.m2.add_(m2_b + delta ** 2 * (n_a * n_b / n))
+            _, mean, m2 = merge_moments(n_a, self.mean, self.m2, n_b, mean_b, m2_b)
+            self.mean.copy_(mean)
+            self.m2.copy_(m2)
         self.count.add_(n_b)
 
     @property
@@ -62,6 +67,33 @@ class RunningNorm(nn.Module):
         if float(self.count) == 0:
             return rows
         return (rows - self.mean) / (self.std + self.eps)
+
+
+def merge_moments(n_a: float, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: float, mean_b: torch.Tensor,
+                  m2_b: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Count, mean and ``M2`` of the union of two blocks of rows (Chan et al.'s parallel formula)."""
+    if n_a == 0:
+        return n_b, mean_b, m2_b
+    if n_b == 0:
+        return n_a, mean_a, m2_a
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + (m2_b + delta ** 2 * (n_a * n_b / n))
+
+
+def all_ranks_moments(collective, n_b: float, mean_b: torch.Tensor, m2_b: torch.Tensor):
+    """The block statistics of the rows of all ranks: each rank's ``(n, mean, M2)`` is exchanged (one all-reduce of
+    a ``[world, 1 + 2·dim]`` table, every rank filling its own row) and merged in rank order (same on every rank)."""
+    w, d = int(collective.world_size), mean_b.numel()
+    table = torch.zeros(w, 1 + 2 * d, dtype=torch.float64, device=mean_b.device)
+    table[int(collective.rank), 0] = n_b
+    table[int(collective.rank), 1: 1 + d] = mean_b.double()
+    table[int(collective.rank), 1 + d:] = m2_b.double()
+    table = collective.all_reduce_sum(table)
+    n, mean, m2 = 0.0, torch.zeros(d, dtype=torch.float64, device=mean_b.device), torch.zeros_like(mean_b, dtype=torch.float64)
+    for r in range(w):
+        n, mean, m2 = merge_moments(n, mean, m2, float(table[r, 0]), table[r, 1: 1 + d], table[r, 1 + d:])
+    return n, mean.to(mean_b.dtype), m2.to(m2_b.dtype)
 
 
 # ----------------------------------------------------------------------------------- IDMLP
@@ -252,6 +284,13 @@ class MendNet(nn.Module):
                 g = torch.einsum("rg,ro,ri->goi", onehot, dh, xh)
                 out[p.param] = self.scale_update(k, g)
         return out
+
+    def set_collective(self, collective) -> None:
+        """Training on several ranks: the normalisation statistics merge the rows of all ranks (``None``: this
+        process only)."""
+        for m in self.modules():
+            if isinstance(m, RunningNorm):
+                m.collective = collective
 
     def describe(self) -> dict:
         return {"config": asdict(self.config), "inner": [asdict(p) for p in self.inner]}
