@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from massedit.editing.ft import LOSSES, make_ft_batch
 
@@ -63,12 +63,8 @@ class RequestBatchSampler(Sampler):
         return math.ceil(self.n / self.batch_size)
 
     def __iter__(self) -> Iterator[list]:
-        if self.shuffle:
-            g = self.generator
-            if g is None:  # as torch's RandomSampler without a generator
-                g = torch.Generator()
-                g.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
-            order = torch.randperm(self.n, generator=g).tolist()
+        if self.shuffle:  # torch's own shuffle (the draws of DataLoader(shuffle=True, generator=g))
+            order = [int(i) for i in RandomSampler(range(self.n), generator=self.generator)]
         else:
             order = list(range(self.n))
         for s in range(0, self.n, self.batch_size):
@@ -121,6 +117,7 @@ class EditRequestsDataModule(pl.LightningDataModule):
         return DataLoader(
             RequestDataset(self.requests),
             batch_sampler=sampler,
+            generator=gen,  # the loader draws its base seed from it first, as DataLoader(shuffle=True, generator=gen)
             num_workers=self.num_workers,
             collate_fn=partial(collate_requests, tok=self.tok, loss=self.loss),
         )
