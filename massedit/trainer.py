@@ -119,6 +119,31 @@ def build_trainer(cfg: TrainerConfig | None = None, *, model_dtype: torch.dtype 
         return pl.Trainer(logger=logger if logger is not None else False, callbacks=list(callbacks), **kw)
 
 
+class KeepDispatched:
+    """Mixin for the LightningModules that wrap a language model: Lightning moves a module to the stage's device
+    (``module.to(root_device)``) at every stage; a submodule that accelerate dispatched over several devices
+    (``model.device_map``: ``hf_device_map``, offloaded ``meta`` weights) is skipped and stays where it was put."""
+
+    def _apply(self, fn, *args, **kwargs):
+        mods = self._modules
+        if not any(getattr(m, "hf_device_map", None) for m in mods.values()):
+            return super()._apply(fn, *args, **kwargs)
+        object.__setattr__(self, "_modules", {k: m for k, m in mods.items() if not getattr(m, "hf_device_map", None)})
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        finally:
+            object.__setattr__(self, "_modules", mods)
+
+
+def check_device_map(cfg: TrainerConfig, device_map) -> None:
+    """``model.device_map`` spreads ONE copy of the model over the visible devices in one process: refuse it with
+    several ranks (each rank would dispatch its own copy over the same devices)."""
+    if device_map not in (None, "") and cfg.world_size > 1:
+        raise TrainerConfigError(f"model.device_map={device_map} runs one process over all visible devices: set "
+                                 f"trainer.devices=1 (now {cfg.devices}); use several ranks only for models that fit "
+                                 f"one device each")
+
+
 def place_model(model: torch.nn.Module, trainer) -> torch.device:
     """Move ``model`` to the device ``trainer`` runs this rank on (the local rank's GPU under DDP) and return it.
 

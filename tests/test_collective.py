@@ -245,3 +245,49 @@ def test_replacement_sampler_shares_the_draws():
     assert len(r0) == len(r1) == 3 and [b for pair in zip(r0, r1) for b in pair] == plain
     # 5 batches for 2 ranks: rounded up to 3 each
     assert len(ReplacementBatchSampler(n_items, bs, 10, seed=3, rank=1, world_size=2)) == 3
+
+
+# ------------------------------------------------------------------------------------------ model.device_map
+def test_device_map_with_disk_offload_memit_and_rome(tmp_path):
+    """A model dispatched by accelerate with the edited layer offloaded to disk (its parameters on ``meta``): MEMIT
+    and ROME give the deltas of the plain model, leave it as found, and the applied deltas change what the offloaded
+    layer computes exactly as on the plain model."""
+    from massedit.core.deltas import apply_deltas, revert_deltas
+    from massedit.core.models import ModelConfig, load_model_and_tokenizer
+    from massedit.core.placement import is_dispatched, param_storage
+    from massedit.editing.hparams import RomeConfig
+    from massedit.editing.memit import apply_memit
+    from massedit.editing.rome import apply_rome
+
+    model, tok, reqs, hp, _ = _memit_setup()
+    model = model.float()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    dmap = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "cpu",
+            "transformer.h.2": "disk", "transformer.h.3": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    disp, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "m"), device_map=dmap,
+                                                   offload_folder=str(tmp_path / "off")))
+    plain, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "m")))
+    name = "transformer.h.2.mlp.c_proj.weight"
+    assert is_dispatched(disp) and disp.get_parameter(name).device.type == "meta"
+    before = param_storage(disp, name).clone()
+    texts = ["the cat sat on the mat and looked at the dog", "a quick brown fox jumps over the lazy dog today"] * 4
+    C = corpus_second_moments(plain, tok, [1, 2], texts)
+    groups = [["{}"], ["The weather is nice. {}"]]
+    d_plain, _ = apply_memit(plain, tok, reqs, hp, groups, C, progress=False)
+    d_disp, _ = apply_memit(disp, tok, reqs, hp, groups, C, progress=False)
+    rome_hp = RomeConfig(layers=[2], v_loss_layer=3, v_num_grad_steps=4, mom2_adjustment=True)
+    r_plain, _ = apply_rome(plain, tok, reqs[:2], rome_hp, ["{}"], C, progress=False)
+    r_disp, _ = apply_rome(disp, tok, reqs[:2], rome_hp, ["{}"], C, progress=False)
+    for a, b in ((d_plain, d_disp), (r_plain, r_disp)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    assert torch.equal(param_storage(disp, name), before)  # left as found
+    ids = tok(["The capital of Japan is"], return_tensors="pt")["input_ids"]
+    backup_p, backup_d = apply_deltas(plain, d_plain), apply_deltas(disp, d_disp)
+    with torch.no_grad():
+        assert torch.allclose(disp(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6)
+    revert_deltas(plain, backup_p)
+    revert_deltas(disp, backup_d)
+    assert torch.equal(param_storage(disp, name), before)

@@ -16,6 +16,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 from massedit.core.errors import InputError
+from massedit.core.placement import param_storage
 
 
 class UnsupportedArchitectureError(InputError):
@@ -97,8 +98,9 @@ class ArchAdapter:
     def rewrite_module(self, i: int) -> nn.Module:
         return self.module(self.rewrite_name(i))
 
-    def rewrite_weight(self, i: int) -> nn.Parameter:
-        return self.rewrite_module(i).weight
+    def rewrite_weight(self, i: int) -> torch.Tensor:
+        """The rewrite module's weight (in place writes change the model; offloaded: its in-memory copy)."""
+        return param_storage(self.model, self.rewrite_weight_name(i))
 
     @property
     def final_norm(self) -> nn.Module:

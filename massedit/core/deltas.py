@@ -16,6 +16,7 @@ from torch import nn
 
 from massedit.core.io import atomic_save_safetensors
 from massedit.core.errors import InputError
+from massedit.core.placement import param_storage
 
 Deltas = dict[str, torch.Tensor]
 
@@ -24,9 +25,11 @@ class DeltaShapeError(InputError):
     pass
 
 
-def _params(model: nn.Module) -> dict[str, nn.Parameter]:
-    # named_parameters() hides tied duplicates; state-dict style names are what users see
-    return dict(model.named_parameters(remove_duplicate=False))
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    # named_parameters() hides tied duplicates; state-dict style names are what users see. Offloaded weights of a
+    # dispatched model (model.device_map) are reached through their in-memory copy (massedit.core.placement).
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {n: (param_storage(model, n) if p.device.type == "meta" else p) for n, p in params.items()}
 
 
 def check_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> None:

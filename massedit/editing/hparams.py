@@ -138,6 +138,8 @@ class RomeMemitOptions:
     template_seed: int = 0               # torch seed for sampling the templates (the reference does not seed)
     z_cache: bool = True                 # cache every request's target vector on disk (resume without recomputing)
     z_cache_dir: str | None = None       # default: $MASSEDIT_CACHE/targets (~/.cache/massedit/targets)
+    solver_device: str | None = None     # where MEMIT's float64 solve / ROME's C⁻¹ run: null = the model's (first)
+                                         # device; e.g. cpu or cuda:1 for a model spread over GPUs (model.device_map)
 
 
 @dataclass

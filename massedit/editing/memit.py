@@ -24,6 +24,7 @@ import torch
 from massedit.core.adapters import get_adapter
 from massedit.core.collective import Collective, balanced_shards, gather_by_index, gather_columns, is_distributed
 from massedit.core.deltas import Deltas
+from massedit.core.placement import param_storage
 from massedit.core.models import model_fingerprint
 from massedit.editing.context_templates import as_groups, flatten
 from massedit.editing.hparams import EditHparams
@@ -147,13 +148,14 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
     if targets is None:
         targets = compute_targets(model, tok, requests, hp, flat, cache=cache, progress=progress, collective=collective,
                                   shards=shards)
-    Z = torch.stack([t.target for t in targets], dim=1).to(device)  # [d, N]
+    solver = torch.device(hp.solver_device) if getattr(hp, "solver_device", None) else device
+    Z = torch.stack([t.target for t in targets], dim=1).to(solver)  # [d, N]
     originals = {l: adapter.rewrite_weight(l).detach().clone() for l in layers}
     deltas: Deltas = {}
     per_layer = []
     for i, l in enumerate(layers):
         K, H = keys_and_hidden(model, tok, adapter, l, L, requests, groups, hp.fact_token, collective, shards)
-        K, H = K.to(device), H.to(device)  # [m, N], [d, N]
+        K, H = K.to(solver), H.to(solver)  # [m, N], [d, N]
         E = Z - H
         A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
         w = adapter.rewrite_weight(l)
@@ -195,14 +197,14 @@ def apply_memit(model, tok, requests, hp: EditHparams, template_groups, C_by_lay
             inters.append(inter)
             all_targets += inter["requests"]
         with torch.no_grad():
-            deltas = {n: (adapter.model.get_parameter(n).detach().float() - w.float()).cpu() for n, w in originals.items()}
+            deltas = {n: (param_storage(adapter.model, n).detach().float() - w.float()).cpu() for n, w in originals.items()}
         if len(batches) == 1:  # exact float32 cast of E_l A^T (W + Δ reproduces the edited weight)
             deltas = {p["weight_name"]: adapter.to_param_layout(p["E_l"] @ p["A"].T).float() for p in inters[0]["per_layer"]} \
                 if keep_intermediates else deltas
     finally:
         with torch.no_grad():
             for n, w in originals.items():
-                adapter.model.get_parameter(n).copy_(w)
+                param_storage(adapter.model, n).copy_(w)
     return deltas, {"batches": inters}
 
 

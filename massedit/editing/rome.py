@@ -51,8 +51,10 @@ def rome_request_update(model, tok, request, layer: int, hp: EditHparams, templa
                         C_inv: torch.Tensor | None, adapter: ArchAdapter | None = None, progress: bool = False):
     """One request at one layer on the current model: ``(ΔW [d, m] float32, intermediates dict)``."""
     adapter = adapter or get_adapter(model)
-    device = next(model.parameters()).device
     k_star = rome_key(model, tok, adapter, layer, request, templates, hp.fact_token)
+    # the algebra runs on hparams.solver_device (default: where the layer's key was read)
+    device = torch.device(hp.solver_device) if getattr(hp, "solver_device", None) else k_star.device
+    k_star = k_star.to(device)
     u = left_vector(k_star, C_inv.to(device) if (C_inv is not None and hp.mom2_adjustment) else None)
     problem = build_target_problem(tok, request, templates, hp.fact_token, hp.teacher_forcing, hp.kl_prompt)
     res = optimise_targets(model, tok, [problem], hp, edit_module=adapter.mlp_name(layer), edit_is_block=False,
@@ -60,7 +62,7 @@ def rome_request_update(model, tok, request, layer: int, hp: EditHparams, templa
                            prefix_block=layer - 1 if layer > 0 else None)[0]
     v_star = res.target.to(device)
     k0, o0 = bare_prompt_io(model, tok, adapter.rewrite_name(layer), [request], hp.fact_token)
-    k0, o0 = k0[0], o0[0]
+    k0, o0 = k0[0].to(device), o0[0].to(device)
     r = right_vector(v_star, o0, u, k0)
     upd = rank_one_update(u, r)
     inter = {

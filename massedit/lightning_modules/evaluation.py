@@ -25,6 +25,7 @@ from massedit.evaluation.config import EvalConfig, EvalResult
 from massedit.evaluation.metrics import GenerationMetric, PromptScoreMetric
 from massedit.evaluation.scoring import branch_scores, choose_scoring_mode, pack_groups, selected_logits
 from massedit.evaluation.text import fluency
+from massedit.trainer import KeepDispatched
 
 
 def case_seed(seed: int, case_id) -> int:
@@ -32,7 +33,7 @@ def case_seed(seed: int, case_id) -> int:
     return int(stable_hash(["massedit-eval-generation", int(seed), str(case_id)]), 16) % (2**63 - 1)
 
 
-class EvaluationModule(pl.LightningModule):
+class EvaluationModule(KeepDispatched, pl.LightningModule):
     """Scores ``model`` on ``requests`` (the data comes from :class:`~massedit.datamodules.evaluation.EvaluationDataModule`)."""
 
     def __init__(self, model, tok, requests, cfg: EvalConfig, *, kind: str, consistency_scorer=None):

@@ -20,13 +20,13 @@ from torch import nn
 
 from massedit.core.deltas import Deltas, delta_norms, diff_from, revert_deltas
 from massedit.datamodules.requests import EditRequestsDataModule
-from massedit.editing.ft import FTConfig, effective_weight_decay, ft_loss, make_optimizer, project_to_linf_ball_, select_ft_parameters
-from massedit.trainer import TrainerConfig, build_trainer, keep_device, quiet_lightning
+from massedit.editing.ft import FTConfig, FTConfigError, effective_weight_decay, ft_loss, make_optimizer, project_to_linf_ball_, select_ft_parameters
+from massedit.trainer import KeepDispatched, TrainerConfig, build_trainer, keep_device, quiet_lightning
 
 log = logging.getLogger(__name__)
 
 
-class FTWModule(pl.LightningModule):
+class FTWModule(KeepDispatched, pl.LightningModule):
     """Fine-tunes ``param_names`` of ``model`` on edit-request batches (see module docstring)."""
 
     def __init__(self, model: nn.Module, param_names: Sequence[str], originals: Mapping[str, torch.Tensor],
@@ -124,6 +124,11 @@ def fit_ft(model: nn.Module, tok, requests: Sequence, cfg: FTConfig, trainer_cfg
     train/eval mode, device).
     """
     params = select_ft_parameters(model, cfg.layers, cfg.params, cfg.param_names)
+    offloaded = [n for n, p in params.items() if p.device.type == "meta"]
+    if offloaded:
+        raise FTConfigError(f"FT cannot train weights that model.device_map offloaded (kept off the devices): "
+                            f"{offloaded[:3]}{' ...' if len(offloaded) > 3 else ''}; give the devices more room "
+                            f"(model.max_memory) or tune layers that sit on a device")
     wd = effective_weight_decay(cfg, len(requests))
     dm = EditRequestsDataModule(requests, tok, batch_size=int(cfg.batch_size), loss=cfg.loss, shuffle=bool(cfg.shuffle),
                                 seed=cfg.seed)

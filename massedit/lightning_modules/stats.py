@@ -15,11 +15,12 @@ import pytorch_lightning as pl
 import torch
 
 from massedit.stats.moments import CheckpointPolicy, MomentState, Progress, accumulate_batch
+from massedit.trainer import KeepDispatched
 
 log = logging.getLogger("massedit.stats")
 
 
-class SecondMomentModule(pl.LightningModule):
+class SecondMomentModule(KeepDispatched, pl.LightningModule):
     def __init__(self, model: torch.nn.Module, job):
         super().__init__()
         self.model = model

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from massedit.core.io import atomic_save_safetensors, stable_hash
+from massedit.core.placement import read_tensor
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def layer_input_weights_fingerprint(model, adapter, layer: int) -> str:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        items.append([name, _tensor_fp(t)])
+        items.append([name, _tensor_fp(read_tensor(model, name, t))])  # offloaded (model.device_map): read back
     return stable_hash(sorted(items))
 
 

@@ -121,7 +121,8 @@ def accumulate_batch(model: torch.nn.Module, batch: dict, modules: Sequence[str]
         keys = td[name].input
         if keys is None:
             raise RuntimeError(f"module {name} did not run in the forward pass")
-        add_second_moment_upper_blocks(sums[name], select_tokens(keys, mask), blocks)
+        # model.device_map: the module may run on another device than the sums (the model's first device)
+        add_second_moment_upper_blocks(sums[name], select_tokens(keys.to(sums[name].device), mask), blocks)
     return int(mask.sum().item())
 
 

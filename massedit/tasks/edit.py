@@ -27,9 +27,10 @@ from massedit.editing.editor import RomeMemitEditor, SavedDeltasEditor
 from massedit.lightning_modules.stats import LightningStatsEngine
 from massedit.tasks.evaluate import (eval_job, evaluation_components, evaluation_stage, load_cached_result,
                                      pre_eval_cache_path, report, save_cached_result)
-from massedit.tasks.methods import build_editor, stats_provider
+from massedit.tasks.methods import build_editor, log_memory_estimate, stats_provider
 from massedit.tasks.runs import setup_run
-from massedit.trainer import build_trainer, finish_ranks, place_model, rank0_value, require_script_launch, start_ranks
+from massedit.trainer import (build_trainer, check_device_map, finish_ranks, place_model, rank0_value,
+                              require_script_launch, start_ranks)
 
 log = logging.getLogger("massedit.edit")
 
@@ -39,6 +40,7 @@ SUMMARY_KEYS = ("score", "efficacy_success", "paraphrase_success", "neighborhood
 def edit_job(job) -> dict[str, Any]:
     """Run the job described by ``job`` (an :class:`~massedit.tasks.config.EditJobConfig`, or a train job of FT)."""
     require_script_launch(job.trainer, f"massedit {getattr(job, 'mode', 'edit')}")
+    check_device_map(job.trainer, job.model.device_map)
     requests = load_requests_from_config(job.data)
     run = setup_run(job)
     trainer, failed = None, True
@@ -46,6 +48,8 @@ def edit_job(job) -> dict[str, Any]:
         log.info("%d edit requests from %s", len(requests), job.data.path)
         trainer = build_trainer(job.trainer, model_dtype=job.model.torch_dtype, logger=run.logger)
         start_ranks(trainer, run)  # several devices: all ranks from here on, one run directory (rank 0's)
+        if trainer.is_global_zero:
+            log_memory_estimate(job, log)
         model, tok = load_model_and_tokenizer(job.model)
         place_model(model, trainer)
         if getattr(job, "mode", "edit") == "eval":

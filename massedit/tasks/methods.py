@@ -60,3 +60,87 @@ def build_editor(job, *, stats: StatsProvider | None = None, logger=None, progre
     if isinstance(m, MendConfig):
         return MendEditor(m, progress=progress)
     raise UnknownMethodError(f"no editor for method config {type(m).__name__}; editing methods: {EDITORS}")
+
+
+# ------------------------------------------------------------------------------------------------ memory estimate
+GiB = 1024 ** 3
+
+
+def memory_estimate(job) -> dict:
+    """A rough figure of the memory the job's large items take, from the model's config alone (nothing is loaded):
+    the weights (parameter count × ``model.dtype``) and the method's own tensors — ROME/MEMIT: the statistics C
+    (float32 ``m×m`` per layer) and the float64 solve (MEMIT: ``λC + KKᵀ`` and its factorisation, ``m×m`` each);
+    FT: gradients + two Adam moments of the tuned weights (float32); MEND: the editor network. Activations are
+    not counted (they grow with ``eval.batch_size`` / ``targets_max_tokens``). Values in bytes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from massedit.core.adapters import get_adapter
+    from massedit.core.models import resolve_model_path
+
+    cfg = job.model
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg), **({"revision": cfg.revision} if cfg.revision else {}))
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in skeleton.parameters())
+    weights = n_params * cfg.torch_dtype.itemsize
+    a = get_adapter(skeleton)
+    m, d = a.mlp_inner_size, a.hidden_size
+    meth = job.method
+    extra, what = 0, ""
+    if isinstance(meth, (RomeConfig, MemitConfig)):
+        n_layers = len(meth.layers or [])
+        C = m * m * 4 * n_layers if (isinstance(meth, MemitConfig) or meth.mom2_adjustment) else 0
+        solve = 2 * m * m * 8 if isinstance(meth, MemitConfig) else m * m * 4
+        extra, what = C + solve, f"statistics {n_layers} × {m}×{m} fp32 + {'float64 solve' if solve > m * m * 4 else 'C⁻¹'}"
+    elif isinstance(meth, FTConfig):
+        layers = len(meth.layers) if meth.layers else 1
+        tuned = layers * m * d * (1 if meth.params == "rewrite" else 3)
+        extra, what = tuned * 4 * 3, f"~{tuned / 1e6:.0f}M tuned weights × (grad + 2 Adam moments) fp32"
+    elif isinstance(meth, MendConfig):
+        n_inner = len(meth.layers) if meth.layers is not None else int(meth.num_layers)
+        per = 2 * (m + d) * min(int(meth.rank), m + d) * (int(meth.n_hidden) + 1)
+        extra, what = 2 * per * 4 * (1 if meth.shared else n_inner * len(meth.projections)), "editor network fp32"
+    return {"params": n_params, "dtype": str(cfg.torch_dtype).replace("torch.", ""), "weights": weights,
+            "method": extra, "method_what": what, "total": weights + extra}
+
+
+def available_memory() -> dict[str, int]:
+    """Free bytes per visible device (``cuda:i``) and the machine's memory (``cpu``)."""
+    import os
+
+    import torch
+
+    out = {}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            out[f"cuda:{i}"] = int(torch.cuda.mem_get_info(i)[0])
+    try:
+        out["cpu"] = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not on every platform
+        pass
+    return out
+
+
+def log_memory_estimate(job, logger=None) -> dict | None:
+    """Log :func:`memory_estimate` and what is free, before the job loads the model (never fails the job)."""
+    import logging
+
+    lg = logger or logging.getLogger("massedit.edit")
+    try:
+        est = memory_estimate(job)
+    except Exception as e:  # an estimate must not stop a job (unknown architecture, no hub access, ...)
+        lg.debug("no memory estimate: %s", e)
+        return None
+    free = available_memory()
+    where = job.model.device_map or "one device per rank"
+    what = getattr(job.method, "name", None) or "evaluation"
+    lg.info("memory estimate: weights %.1f GiB (%.2fB params, %s) + %s %.1f GiB = %.1f GiB; placement: %s; free: %s",
+            est["weights"] / GiB, est["params"] / 1e9, est["dtype"], what, est["method"] / GiB,
+            est["total"] / GiB, where, ", ".join(f"{k} {v / GiB:.0f} GiB" for k, v in free.items()) or "unknown")
+    gpus = [v for k, v in free.items() if k.startswith("cuda")]
+    if gpus and not job.model.device_map and est["total"] > max(gpus):
+        lg.warning("the model and the %s tensors (~%.0f GiB) exceed the free memory of one GPU (%.0f GiB): use a "
+                   "smaller model.dtype (bfloat16) or model.device_map=auto", what, est["total"] / GiB,
+                   max(gpus) / GiB)
+    return est

@@ -24,6 +24,7 @@ from torch import nn
 
 from massedit.core.collective import Collective, balanced_shards, is_distributed
 from massedit.core.deltas import Deltas
+from massedit.core.placement import param_storage
 from massedit.data.requests import EditRequest
 
 from .config import MendConfig
@@ -106,10 +107,11 @@ def accumulate_pseudo_gradients(model: nn.Module, tok, net: MendNet, requests: S
             return (nll.sum(-1) / mask.sum(-1).clamp_min(1)).sum()
 
         _, factors = capture_factors(model, net.inner, loss_fn, row_mask=batch.attention_mask)
+        net_dev = next(net.parameters()).device
         with torch.no_grad():
             for k, p in enumerate(net.inner):
-                x, d = factors[p.param]
-                g = net.transformed_gradient(k, x, d)
+                x, d = factors[p.param]  # on the device the module ran on (model.device_map: any of them)
+                g = net.transformed_gradient(k, x.to(net_dev), d.to(net_dev))
                 g_sum[p.param] = g_sum[p.param] + g if p.param in g_sum else g
     return g_sum
 
@@ -153,14 +155,13 @@ def mend_deltas(model: nn.Module, tok, net: MendNet, requests: Sequence[EditRequ
         else:
             g = accumulate_pseudo_gradients(model, tok, net, requests, progress=progress, **kw)
         out: Deltas = {}
-        params = dict(model.named_parameters())
         with torch.no_grad():
             for k, p in enumerate(net.inner):
                 if p.param not in g:
                     continue
                 dw = lr_scale * net.scale_update(k, g[p.param])
                 dw = to_param_layout(p, dw).contiguous()
-                w = params[p.param]
+                w = param_storage(model, p.param)  # where the weight lives (offloaded: its in-memory copy)
                 if tuple(dw.shape) != tuple(w.shape):
                     raise RuntimeError(f"MEND delta for {p.param} has shape {tuple(dw.shape)}, weight {tuple(w.shape)}")
                 out[p.param] = dw.to(device=w.device)
