@@ -70,18 +70,32 @@ def request_shards(tok, requests, hp: EditHparams, templates: Sequence[str], col
 
 def compute_targets(model, tok, requests, hp: EditHparams, templates: Sequence[str], *, cache: TargetCache | None = None,
                     progress: bool = True, batched: bool | None = None, collective: Collective | None = None,
-                    shards: list[list[int]] | None = None) -> list[TargetResult]:
+                    shards: list[list[int]] | None = None, timing: dict | None = None) -> list[TargetResult]:
     """z for every request at block ``L = max(layers)`` (cached per request when ``cache`` is given).
 
     With a ``collective`` of several ranks each rank optimises (or reads from the cache) only its share
     (``shards[rank]``, default :func:`request_shards`) and every rank returns all results, gathered in request order.
-    Each rank reads and writes the cache entries of its own share only (entries are written atomically)."""
+    Each rank reads and writes the cache entries of its own share only (entries are written atomically).
+    ``timing``: gets this rank's own computing time (``z_s``) and share size (``z_requests``)."""
     if is_distributed(collective):
         shards = shards or request_shards(tok, requests, hp, templates, collective)
         mine = shards[collective.rank]
-        local = compute_targets(model, tok, [requests[i] for i in mine], hp, templates, cache=cache,
-                                progress=progress and collective.rank == 0, batched=batched) if mine else []
+        t0 = time.perf_counter()
+        local = _compute_targets_here(model, tok, [requests[i] for i in mine], hp, templates, cache=cache,
+                                      progress=progress and collective.rank == 0, batched=batched) if mine else []
+        if timing is not None:
+            timing.update(z_s=round(time.perf_counter() - t0, 3), z_requests=len(mine))
         return gather_by_index(collective, mine, local, len(requests))
+    t0 = time.perf_counter()
+    out = _compute_targets_here(model, tok, requests, hp, templates, cache=cache, progress=progress, batched=batched)
+    if timing is not None:
+        timing.update(z_s=round(time.perf_counter() - t0, 3), z_requests=len(requests))
+    return out
+
+
+def _compute_targets_here(model, tok, requests, hp: EditHparams, templates: Sequence[str], *,
+                          cache: TargetCache | None = None, progress: bool = True,
+                          batched: bool | None = None) -> list[TargetResult]:
     adapter = get_adapter(model)
     L = hp.z_layer
     loss_layer = max(hp.v_loss_layer if hp.v_loss_layer is not None else adapter.num_layers - 1, L)
@@ -110,12 +124,17 @@ def compute_targets(model, tok, requests, hp: EditHparams, templates: Sequence[s
 
 
 def keys_and_hidden(model, tok, adapter, layer: int, z_layer: int, requests, groups, rule: str,
-                    collective: Collective | None = None, shards: list[list[int]] | None = None):
+                    collective: Collective | None = None, shards: list[list[int]] | None = None,
+                    timing: dict | None = None):
     """``K [m, N]`` (keys at ``layer``, §2.3) and ``H [d, N]`` (block ``z_layer`` output at the bare prompts) on the
-    current model; with several ranks each rank reads the columns of its share and the columns are gathered."""
+    current model; with several ranks each rank reads the columns of its share and the columns are gathered.
+    ``timing["keys_s"]`` accumulates this rank's own computing time."""
+    t0 = time.perf_counter()
     if not is_distributed(collective):
         K = memit_keys(model, tok, adapter, layer, requests, groups, rule)
         _, H = bare_prompt_io(model, tok, adapter.block_name(z_layer), requests, rule)
+        if timing is not None:
+            timing["keys_s"] = round(timing.get("keys_s", 0.0) + time.perf_counter() - t0, 3)
         return K, H.T
     mine = shards[collective.rank]
     device = next(model.parameters()).device
@@ -127,6 +146,8 @@ def keys_and_hidden(model, tok, adapter, layer: int, z_layer: int, requests, gro
     else:  # nothing to read on this rank; it still takes part in the gathers
         K = torch.zeros(adapter.mlp_inner_size, 0, device=device)
         H = torch.zeros(adapter.hidden_size, 0, device=device)
+    if timing is not None:
+        timing["keys_s"] = round(timing.get("keys_s", 0.0) + time.perf_counter() - t0, 3)
     n = len(requests)
     return gather_columns(collective, mine, K.float(), n), gather_columns(collective, mine, H.float(), n)
 
@@ -145,19 +166,22 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
     L = hp.z_layer
     device = next(model.parameters()).device
     shards = request_shards(tok, requests, hp, flat, collective)
+    timing: dict = {}
     if targets is None:
         targets = compute_targets(model, tok, requests, hp, flat, cache=cache, progress=progress, collective=collective,
-                                  shards=shards)
+                                  shards=shards, timing=timing)
     solver = torch.device(hp.solver_device) if getattr(hp, "solver_device", None) else device
     Z = torch.stack([t.target for t in targets], dim=1).to(solver)  # [d, N]
     originals = {l: adapter.rewrite_weight(l).detach().clone() for l in layers}
     deltas: Deltas = {}
     per_layer = []
     for i, l in enumerate(layers):
-        K, H = keys_and_hidden(model, tok, adapter, l, L, requests, groups, hp.fact_token, collective, shards)
+        K, H = keys_and_hidden(model, tok, adapter, l, L, requests, groups, hp.fact_token, collective, shards, timing)
         K, H = K.to(solver), H.to(solver)  # [m, N], [d, N]
         E = Z - H
+        t0 = time.perf_counter()
         A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
+        timing["solve_s"] = round(timing.get("solve_s", 0.0) + time.perf_counter() - t0, 3)
         w = adapter.rewrite_weight(l)
         upd_param = adapter.to_param_layout(upd).float()
         with torch.no_grad():
@@ -166,7 +190,9 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
         if keep_intermediates:
             per_layer.append({"layer": l, "i": i, "weight_name": adapter.rewrite_weight_name(l), "K": K.cpu(), "H": H.cpu(),
                               "E": E.cpu(), "A": A.cpu(), "E_l": E_l.cpu()})
+    per_rank = collective.all_gather_object(timing) if is_distributed(collective) else [timing]
     inter = {"Z": Z.cpu(), "z_layer": L, "layers": layers, "lambda": hp.mom2_update_weight, "per_layer": per_layer,
+             "timing_per_rank": per_rank,
              "requests": [{"case_id": t.case_id, "z0": t.init, "delta": t.delta, "z": t.target,
                            "n_adam_steps": t.n_adam_steps, "early_stopped": t.early_stopped, "loss_trace": t.loss_trace,
                            "from_cache": t.from_cache} for t in targets]}
@@ -232,5 +258,6 @@ class MemitEditor(RomeMemitEditor):
             "batch_size": hp.batch_size, "n_templates": len(flatten(groups)), "targets": summarize_results(tr),
             "seconds": round(time.time() - t0, 2), "delta_norms": {k: float(v.norm()) for k, v in deltas.items()},
             "world_size": self.collective.world_size if self.collective is not None else 1,
+            "timing_per_rank": [b["timing_per_rank"] for b in inter["batches"]],  # own compute seconds of each rank
         })
         return deltas
