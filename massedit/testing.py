@@ -29,7 +29,7 @@ What is the product made by UniFirst? uniform. nq question: who sang nice day fo
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer_json(kind: str, vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if kind == "bpe":
         tk = Tokenizer(models.BPE())
@@ -132,11 +132,6 @@ def corpus_second_moments(model, tok, layers: Sequence[int], texts: Sequence[str
             acc[l] += k.T @ k
         n += int(mask.sum())
     return {l: (a / n).float().cpu() for l, a in acc.items()}
-
-
-def corpus_stats_provider(texts: Sequence[str], max_length: int = 256):
-    """A provider computing C from ``texts`` on the model it is given (unedited at call time)."""
-    return lambda model, tok, layers: corpus_second_moments(model, tok, layers, texts, max_length)
 
 
 def reference_stats_provider(root):
