@@ -119,3 +119,21 @@ def test_rome_sequential_two_requests_and_delta_file(tmp_path):
         assert next_token_argmax(model, tok, r.filled_prompt) == t
     revert_deltas(model, backup)
     assert torch.equal(model.get_parameter(name), w0)
+
+
+def test_rome_on_the_last_layer():
+    """The edited MLP sits inside the final block, both traced with stop=True: the trace must run the block to its
+    end (it used to stop inside the MLP, leaving the final block's output unset)."""
+    torch.set_num_threads(1)
+    model, tok = tiny_model("gpt2", seed=0, n_layer=3)
+    a = get_adapter(model)
+    layer = a.num_layers - 1
+    C = corpus_second_moments(model, tok, [layer], TEXTS)
+    editor = RomeEditor(hparams=rome_hp(layer), stats=lambda m, t, l: C, context_templates=TEMPLATES, progress=False)
+    deltas = editor.edit(model, tok, [REQ])
+    assert set(deltas) == {a.rewrite_weight_name(layer)}
+    backup = apply_deltas(model, deltas)
+    try:
+        assert next_token_argmax(model, tok, REQ.filled_prompt) == target_token_ids(tok, " " + REQ.target_new)[0]
+    finally:
+        revert_deltas(model, backup)
