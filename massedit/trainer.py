@@ -45,6 +45,8 @@ class TrainerConfig:
     precision: str = "auto"          # auto (= the model's dtype) | 16-mixed | bf16-mixed | 32-true | bf16-true | 16-true
     num_nodes: int = 1
     enable_progress_bar: bool = True
+    timeout_minutes: float = 30.0    # several ranks: how long one collective may wait (ROME: ranks > 0 wait for rank
+                                     # 0's whole sequential edit; raise it for long ROME jobs)
 
     def __post_init__(self) -> None:
         if str(self.accelerator) not in ACCELERATORS:
@@ -55,6 +57,8 @@ class TrainerConfig:
             raise TrainerConfigError(f"trainer.precision={self.precision!r}: choose one of {PRECISIONS}")
         if int(self.num_nodes) < 1:
             raise TrainerConfigError(f"trainer.num_nodes must be >= 1, got {self.num_nodes}")
+        if not float(self.timeout_minutes) > 0:
+            raise TrainerConfigError(f"trainer.timeout_minutes must be > 0, got {self.timeout_minutes}")
         d = self.devices
         if isinstance(d, str) and d != "auto":
             try:
@@ -95,6 +99,12 @@ def lightning_kwargs(cfg: TrainerConfig, model_dtype: torch.dtype | None = None)
     strategy = cfg.strategy
     if strategy == "auto" and cfg.world_size > 1:
         strategy = "ddp"  # Lightning's default would be ddp_spawn on CPU (ddp_fork in notebooks): no results back
+    if strategy == "ddp" and cfg.world_size > 1:
+        import datetime
+
+        from pytorch_lightning.strategies import DDPStrategy
+
+        strategy = DDPStrategy(timeout=datetime.timedelta(minutes=float(cfg.timeout_minutes)))
     return {"accelerator": accelerator, "devices": cfg.devices, "strategy": strategy,
             "precision": resolve_precision(cfg.precision, model_dtype), "num_nodes": int(cfg.num_nodes),
             "enable_progress_bar": bool(cfg.enable_progress_bar)}

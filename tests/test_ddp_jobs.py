@@ -44,11 +44,13 @@ def tiny(tmp_path_factory):
 
 
 def massedit(root: Path, command: str, devices: int, *args: str, cache: str, script: str | None = None,
-             timeout: int = 600) -> subprocess.CompletedProcess:
+             timeout: int = 600, torchrun: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
            "MASSEDIT_CACHE": str(root / cache), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MASSEDIT_RUN_DIR", None)
     entry = [script] if script else ["-m", "massedit"]
+    if torchrun:  # the ranks started by torch's launcher, not by Lightning's
+        entry = ["-m", "torch.distributed.run", f"--nproc_per_node={devices}", "--master_port=29611"] + entry
     cmd = [sys.executable, *entry, command, "model=hf", f"model.name_or_path={root / 'tiny'}", "data=user",
            f"data.path={root / 'facts.json'}", "data.num_edits=null", "logger=none", "trainer.accelerator=cpu",
            f"trainer.devices={devices}", "trainer.enable_progress_bar=false", "eval.generation=false",
@@ -105,6 +107,15 @@ def test_memit_two_ranks_equal_one_rank(tiny):
     assert info["world_size"] == 2 and info["targets"]["from_cache"] == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["info"]["post"]["world_size"] == 2
+    # the same job started by torchrun (each rank runs the command; rank 0's directory is broadcast)
+    tr = massedit(tiny, "edit", 2, *MEMIT, "output_root=runs_torchrun", cache="cache2", torchrun=True)
+    assert tr.returncode == 0, tr.stderr[-3000:]
+    runs = list((tiny / "runs_torchrun").iterdir())
+    assert len(runs) == 1, runs
+    assert_one_copy(runs[0], tr.stdout)
+    d3 = load_deltas(runs[0] / "deltas.safetensors")
+    for k in d1:
+        assert rel(d3[k], d1[k]) <= 1e-5, k
 
 
 @pytest.mark.slow
