@@ -344,6 +344,8 @@ def start_ranks(trainer, run=None) -> None:
     the requests, build the Trainer), and the process group exists for every collective that follows."""
     if int(trainer.world_size) <= 1:
         return
+    if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
+        return  # ddp_spawn / ddp_fork (`massedit stats` only): workers live for one stage, nothing to start now
     if not distributed_ready():
         _launch(trainer)
     if run is not None:

@@ -23,7 +23,7 @@ from massedit.stats.collect import collect_layer_stats
 from massedit.stats.config import StatsConfigError
 from massedit.stats.reference import export_layer_stats
 from massedit.tasks.runs import configure_logging
-from massedit.trainer import build_trainer, place_model
+from massedit.trainer import build_trainer, finish_ranks, launch_rank, place_model, start_ranks
 
 log = logging.getLogger("massedit.stats")
 
@@ -39,11 +39,22 @@ def stats_layers(job) -> list[int]:
 
 def stats_job(job) -> dict[str, Any]:
     """Compute/load the statistics of ``job.stats`` for ``job.model``; returns a summary (also printed as JSON lines)."""
-    configure_logging(job.log_level)
+    configure_logging(job.log_level, rank=launch_rank(job.trainer))
     layers = stats_layers(job)
-    s = job.stats
     t0 = time.time()
     trainer = build_trainer(job.trainer, model_dtype=job.model.torch_dtype)
+    failed = True
+    try:
+        summary = _collect(job, trainer, layers, t0)
+        failed = False
+        return summary
+    finally:
+        finish_ranks(trainer, failed)  # rank 0: a failure on any other rank fails the job
+
+
+def _collect(job, trainer, layers, t0) -> dict[str, Any]:
+    s = job.stats
+    start_ranks(trainer)  # several devices: the ranks start now, before the model is loaded
     model, tok = load_model_and_tokenizer(job.model)
     place_model(model, trainer)
     t_load = time.time() - t0
