@@ -61,6 +61,8 @@ class MendModule(pl.LightningModule):
         return self._lm[0]
 
     def _place_model(self):
+        if getattr(self.lm, "hf_device_map", None):  # model.device_map: accelerate placed it
+            return
         if next(self.lm.parameters()).device != self.device:
             self.lm.to(self.device)
 

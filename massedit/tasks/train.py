@@ -25,7 +25,8 @@ from massedit.lightning_modules.mend import AtomicCheckpointIO, MendModule
 from massedit.tasks.edit import edit_job
 from massedit.tasks.methods import TRAINABLE, UnknownMethodError
 from massedit.tasks.runs import setup_run
-from massedit.trainer import build_trainer, finish_ranks, place_model, require_script_launch, start_ranks
+from massedit.trainer import (build_trainer, check_device_map, finish_ranks, place_model, require_script_launch,
+                              start_ranks)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def train_mend(job) -> dict[str, Any]:
     m: MendConfig = job.method
     t = m.train
     require_script_launch(job.trainer, "massedit train method=mend")
+    check_device_map(job.trainer, job.model.device_map)
     run = setup_run(job)
     trainer, failed = None, True
     try:
