@@ -80,16 +80,18 @@ def compute_targets(model, tok, requests, hp: EditHparams, templates: Sequence[s
     if is_distributed(collective):
         shards = shards or request_shards(tok, requests, hp, templates, collective)
         mine = shards[collective.rank]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         local = _compute_targets_here(model, tok, [requests[i] for i in mine], hp, templates, cache=cache,
                                       progress=progress and collective.rank == 0, batched=batched) if mine else []
         if timing is not None:
-            timing.update(z_s=round(time.perf_counter() - t0, 3), z_requests=len(mine))
+            timing.update(z_s=round(time.perf_counter() - t0, 3), z_cpu_s=round(time.process_time() - c0, 3),
+                          z_requests=len(mine))
         return gather_by_index(collective, mine, local, len(requests))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = _compute_targets_here(model, tok, requests, hp, templates, cache=cache, progress=progress, batched=batched)
     if timing is not None:
-        timing.update(z_s=round(time.perf_counter() - t0, 3), z_requests=len(requests))
+        timing.update(z_s=round(time.perf_counter() - t0, 3), z_cpu_s=round(time.process_time() - c0, 3),
+                      z_requests=len(requests))
     return out
 
 
@@ -123,18 +125,23 @@ def _compute_targets_here(model, tok, requests, hp: EditHparams, templates: Sequ
     return results  # type: ignore[return-value]
 
 
+def _add_times(timing: dict, what: str, t0: float, c0: float) -> None:
+    timing[f"{what}_s"] = round(timing.get(f"{what}_s", 0.0) + time.perf_counter() - t0, 3)
+    timing[f"{what}_cpu_s"] = round(timing.get(f"{what}_cpu_s", 0.0) + time.process_time() - c0, 3)
+
+
 def keys_and_hidden(model, tok, adapter, layer: int, z_layer: int, requests, groups, rule: str,
                     collective: Collective | None = None, shards: list[list[int]] | None = None,
                     timing: dict | None = None):
     """``K [m, N]`` (keys at ``layer``, §2.3) and ``H [d, N]`` (block ``z_layer`` output at the bare prompts) on the
     current model; with several ranks each rank reads the columns of its share and the columns are gathered.
-    ``timing["keys_s"]`` accumulates this rank's own computing time."""
-    t0 = time.perf_counter()
+    ``timing["keys_s"]`` (wall) and ``keys_cpu_s`` (this process's CPU) accumulate this rank's own computing time."""
+    t0, c0 = time.perf_counter(), time.process_time()
     if not is_distributed(collective):
         K = memit_keys(model, tok, adapter, layer, requests, groups, rule)
         _, H = bare_prompt_io(model, tok, adapter.block_name(z_layer), requests, rule)
         if timing is not None:
-            timing["keys_s"] = round(timing.get("keys_s", 0.0) + time.perf_counter() - t0, 3)
+            _add_times(timing, "keys", t0, c0)
         return K, H.T
     mine = shards[collective.rank]
     device = next(model.parameters()).device
@@ -147,7 +154,7 @@ def keys_and_hidden(model, tok, adapter, layer: int, z_layer: int, requests, gro
         K = torch.zeros(adapter.mlp_inner_size, 0, device=device)
         H = torch.zeros(adapter.hidden_size, 0, device=device)
     if timing is not None:
-        timing["keys_s"] = round(timing.get("keys_s", 0.0) + time.perf_counter() - t0, 3)
+        _add_times(timing, "keys", t0, c0)
     n = len(requests)
     return gather_columns(collective, mine, K.float(), n), gather_columns(collective, mine, H.float(), n)
 
@@ -179,9 +186,9 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
         K, H = keys_and_hidden(model, tok, adapter, l, L, requests, groups, hp.fact_token, collective, shards, timing)
         K, H = K.to(solver), H.to(solver)  # [m, N], [d, N]
         E = Z - H
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
-        timing["solve_s"] = round(timing.get("solve_s", 0.0) + time.perf_counter() - t0, 3)
+        _add_times(timing, "solve", t0, c0)
         w = adapter.rewrite_weight(l)
         upd_param = adapter.to_param_layout(upd).float()
         with torch.no_grad():
