@@ -100,6 +100,9 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
             save_context_templates(run.dir / "context_templates.json", templates)
         if post is not None or pre is not None:
             results["table"] = report(run, pre, post, title=f"{job.method.name} on {job.model.name}")
+        hf_dir = getattr(getattr(job, "export", None), "hf_dir", None)
+        if hf_dir and apply.deltas is not None:
+            results["export"] = str(export_edited_model(job, model, tok, requests, apply.deltas, editor.info))
         run.save_json("results.json", {k: v for k, v in results.items() if k != "table"})
         trial_file = os.environ.get("MASSEDIT_TRIAL_RESULT")  # the offline sweep runner reads a trial's numbers here
         if trial_file:
@@ -107,3 +110,27 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
         run.log_summary({"edit_seconds": edit_s, **{k: v for k, v in results.items()
                                                     if k in SUMMARY_KEYS and v is not None}})
     return results
+
+
+def export_edited_model(job, model, tok, requests, deltas, info) -> "os.PathLike":
+    """``export.hf_dir``: the model as edited now (deltas applied) as a Hugging Face checkpoint + ``edits.json``."""
+    from massedit.tasks.config import as_dict
+    from massedit.tasks.export import base_model_info, edit_manifest, export_hf
+
+    manifest = edit_manifest(requests=requests, method=job.method.name, hparams=as_dict(job)["method"], deltas=deltas,
+                             base_model=base_model_info(model, job.model.name_or_path, job.model.revision), info=info)
+    path = export_hf(model, tok, job.export.hf_dir, manifest)
+    print(f"Edited model exported to {path} (transformers.AutoModelForCausalLM.from_pretrained)")
+    return path
+
+
+def export_edited_model(job, model, tok, requests, deltas, info) -> "os.PathLike":
+    """``export.hf_dir``: the model as edited now (deltas applied) as a Hugging Face checkpoint + ``edits.json``."""
+    from massedit.tasks.config import as_dict
+    from massedit.tasks.export import base_model_info, edit_manifest, export_hf
+
+    manifest = edit_manifest(requests=requests, method=job.method.name, hparams=as_dict(job)["method"], deltas=deltas,
+                             base_model=base_model_info(model, job.model.name_or_path, job.model.revision), info=info)
+    path = export_hf(model, tok, job.export.hf_dir, manifest)
+    print(f"Edited model exported to {path} (transformers.AutoModelForCausalLM.from_pretrained)")
+    return path
