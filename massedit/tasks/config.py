@@ -121,7 +121,7 @@ class EvalJobConfig(JobConfig):
 class TrainJobConfig(JobConfig):
     """``massedit train`` / ``train.py``: FT-W fine-tuning or MEND hypernetwork training."""
 
-    ckpt_path: str | None = None       # MEND: resume training from this Lightning checkpoint ("last" = the run's last)
+    ckpt_path: str | None = None       # MEND: resume from a .ckpt, a run dir, or "last" (output_dir/checkpoints/last.ckpt)
 
 
 JOB_SCHEMAS: dict[str, type] = {"edit": EditJobConfig, "eval": EvalJobConfig, "train": TrainJobConfig}

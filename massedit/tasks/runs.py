@@ -44,7 +44,7 @@ class LoggerConfig:
     job_type: str | None = None
     log_model: bool = True       # W&B: upload Lightning checkpoints (MEND training) as `model` artifacts at the end
     artifacts: bool = True       # W&B: upload deltas, statistics, MEND editor and the report as artifacts
-    tracking_uri: str | None = None  # MLflow: tracking server / store (default: file store <run dir>/mlruns)
+    tracking_uri: str | None = None  # MLflow: tracking server / store (default: sqlite:///<run dir>/mlflow.db)
 
     def __post_init__(self) -> None:
         if self.kind not in LOGGER_KINDS:
@@ -300,9 +300,10 @@ def make_logger(cfg: LoggerConfig, run_dir: Path, config_dict: dict[str, Any]):
         _require("mlflow")
         from pytorch_lightning.loggers import MLFlowLogger
 
-        uri = cfg.tracking_uri or (run_dir / "mlruns").as_uri()
+        uri = cfg.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"  # MLflow's file store is deprecated
         ml = MLFlowLogger(experiment_name=cfg.project, run_name=cfg.name or run_dir.name, tracking_uri=uri,
-                          tags={t: "1" for t in cfg.tags} or None)
+                          tags={t: "1" for t in cfg.tags} or None,
+                          artifact_location=None if cfg.tracking_uri else (run_dir / "mlartifacts").as_uri())
         ml.log_hyperparams({k: str(v)[:500] for k, v in flat.items()})
         return ml
     from pytorch_lightning.loggers import WandbLogger
