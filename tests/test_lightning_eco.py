@@ -131,3 +131,45 @@ def test_progress_bar_fields_and_disable(monkeypatch):
     off = progress_bar(3, "x")
     off.update(2)
     assert not off.enabled and off.n == 2
+
+
+def test_one_progress_library():
+    """No tqdm anywhere in massedit: Lightning's stages get RichProgressBar, massedit's own bars are rich."""
+    import pathlib
+
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    from massedit.trainer import TrainerConfig, build_trainer
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "massedit"
+    assert not [str(p) for p in root.rglob("*.py") if "tqdm" in p.read_text()]
+    t = build_trainer(TrainerConfig(accelerator="cpu"))
+    assert isinstance(t.progress_bar_callback, RichProgressBar)
+    assert build_trainer(TrainerConfig(accelerator="cpu", enable_progress_bar=False)).progress_bar_callback is None
+
+
+def test_target_optimisation_reports_every_step(monkeypatch):
+    """The z bar advances with the requests done and shows the step and the loss at every optimisation step."""
+    import massedit.core.progress as progress
+    from massedit.data.requests import EditRequest
+    from massedit.editing.hparams import EditHparams
+    from massedit.editing.memit import compute_targets
+    from massedit.testing import tiny_model
+
+    torch.set_num_threads(1)
+    calls = []
+
+    class Recorder(progress.ProgressBar):
+        def update(self, n=1, **fields):
+            calls.append((n, dict(fields)))
+            super().update(n, **fields)
+
+    monkeypatch.setattr(progress, "progress_bar", lambda *a, **k: Recorder(*a, **{**k, "enabled": False}))
+    model, tok = tiny_model("gpt2")
+    reqs = [EditRequest(case_id=i, subject=s, prompt="The capital of {}", target_new="Rome")
+            for i, s in enumerate(["Japan", "France"])]
+    hp = EditHparams(layers=[1], v_num_grad_steps=5, early_stop_loss=0.0)
+    compute_targets(model, tok, reqs, hp, ["{}"], progress=True)
+    steps = [f["step"] for _, f in calls if "step" in f]
+    assert steps == [f"{i}/5" for i in range(1, 6)] and all("loss" in f for _, f in calls if "step" in f)
+    assert sum(n for n, _ in calls) == 2  # both requests counted as done

@@ -144,7 +144,8 @@ class CheckpointPolicy:
 
 
 class Progress:
-    """tqdm progress bar in tokens (shows tokens/s and ETA); a no-op when disabled."""
+    """Progress bar in tokens (rich; elapsed and remaining time; the rate and ETA are also logged once); a no-op
+    when disabled."""
 
     def __init__(self, total_tokens: int, enabled: bool = True, desc: str = "C = E[kkᵀ]", initial: int = 0):
         self.bar = None
@@ -152,10 +153,9 @@ class Progress:
         self.done = 0
         self.total, self.initial, self.eta_announced = int(total_tokens or 0), int(initial or 0), not enabled
         if enabled:
-            from tqdm.auto import tqdm
+            from massedit.core.progress import progress_bar
 
-            self.bar = tqdm(total=total_tokens, initial=initial, unit="tok", unit_scale=True, desc=desc,
-                            dynamic_ncols=True, smoothing=0.1)
+            self.bar = progress_bar(total_tokens, desc, unit="tok", initial=initial)
 
     ETA_AFTER_S = 3.0   # announce the measured rate and the remaining time once, after this many seconds
 
