@@ -173,3 +173,18 @@ def test_target_optimisation_reports_every_step(monkeypatch):
     steps = [f["step"] for _, f in calls if "step" in f]
     assert steps == [f"{i}/5" for i in range(1, 6)] and all("loss" in f for _, f in calls if "step" in f)
     assert sum(n for n, _ in calls) == 2  # both requests counted as done
+
+
+def test_mend_run_uploads_checkpoints_and_editor_as_wandb_artifacts(tiny_dir, tmp_path, monkeypatch):
+    import wandb_offline
+    from massedit.tasks.config import compose
+    from massedit.tasks.train import train_job
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data = _zsre_file(tmp_path / "zsre.json")
+    args = [a for a in _mend_args(tiny_dir, data, tmp_path / "run") if a != "logger=csv"]
+    train_job(compose("train", args + ["method.train.max_iters=16", "logger=wandb"]))
+    kinds = {a["type"]: a for a in wandb_offline.artifacts(tmp_path / "run")}
+    assert kinds["model"]["files"] == ["model.ckpt"]  # Lightning checkpoints (WandbLogger log_model)
+    assert "mend_editor.pt" in kinds["mend-editor"]["files"]

@@ -140,6 +140,11 @@ def train_mend(job) -> dict[str, Any]:
             png = plot_history(module.history, run.dir / "mend_training.png")
             results.update(editor=str(editor_path), plot=str(png))
             run.save_json("results.json", results)
+            # the Lightning checkpoints go up as `model` artifacts through WandbLogger(log_model=...)
+            run.log_artifact(f"mend-editor-{run.dir.name}", "mend-editor",
+                             {"mend_editor.pt": editor_path, "mend_history.json": run.dir / "mend_history.json",
+                              "mend_training.png": png, "results.json": run.dir / "results.json"},
+                             metadata={"model": job.model.name_or_path, "iterations": module.iters})
             run.log_summary({k: v for k, v in (results["val_best"] or {}).items() if isinstance(v, float)})
             log.info("MEND training done in %.0f s; editor -> %s", train_s, editor_path)
             print(f"\nOutputs written to {run.dir}")
