@@ -595,6 +595,19 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, trial_fn: TrialFn | None = N
     return summary
 
 
+def report_sweep(spec: SweepSpec, out_dir: str | Path, *, extra_args: Sequence[str] = (), x_param: str | None = None,
+                 logx: bool | None = None, log_to_wandb: bool = False) -> dict[str, Any]:
+    """Summary and plot of the trials finished so far in ``out_dir`` (runs nothing)."""
+    if not (Path(out_dir) / JOURNAL).exists():
+        raise SweepSpecError(f"no sweep in {out_dir} ({JOURNAL} missing)")
+    study = SweepStudy(spec, Path(out_dir), spec.fingerprint(extra_args))
+    summary = summarize(spec, study, x_param=x_param)
+    write_summary(out_dir, spec, summary, logx=logx)
+    if log_to_wandb:
+        log_summary_to_wandb(Path(out_dir), spec, summary, group=study.group)
+    return summary
+
+
 def _progress(n: int, desc: str):
     from massedit.core.progress import progress_bar
 
@@ -686,7 +699,7 @@ def _cell(v) -> str:
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     cols = ["trial", *summary["varying"], *SUMMARY_COLUMNS, "delta_norm", "status"]
-    if summary["metric"] not in SUMMARY_COLUMNS:
+    if summary["metric"] not in SUMMARY_COLUMNS and summary["metric"] not in [f"eval/post/{c}" for c in SUMMARY_COLUMNS]:
         cols.insert(-2, "metric")
     best = summary["best"]["trial"] if summary["best"] else None
     lines = [f"Sweep `{summary['name']}`: {summary['n_finished']}/{summary['n_trials']} trials finished"
@@ -872,6 +885,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "span a factor of 10 or more)")
     ap.add_argument("--no-wandb", action="store_true", help="do not log the summary run to W&B")
     ap.add_argument("--dry-run", action="store_true", help="print the trials' commands and exit")
+    ap.add_argument("--report-only", action="store_true", help="write summary and plot of the finished trials in "
+                    "--out (running none)")
     args = ap.parse_args(argv)
     from massedit.tasks.runs import configure_logging
 
@@ -889,9 +904,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out or Path("outputs") / "sweeps" / spec.name)
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
     try:
-        summary = run_sweep(spec, out, count=args.count, seed=args.seed, devices=devices, extra_args=args.extra,
-                            retry_failed=args.retry_failed, log_to_wandb=not args.no_wandb, x_param=args.x_param,
-                            logx=args.logx)
+        if args.report_only:
+            summary = report_sweep(spec, out, extra_args=args.extra, x_param=args.x_param, logx=args.logx,
+                                   log_to_wandb=not args.no_wandb)
+        else:
+            summary = run_sweep(spec, out, count=args.count, seed=args.seed, devices=devices, extra_args=args.extra,
+                                retry_failed=args.retry_failed, log_to_wandb=not args.no_wandb, x_param=args.x_param,
+                                logx=args.logx)
     except SweepSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
