@@ -49,7 +49,7 @@ def test_shipped_sweep_file_is_a_valid_wandb_grid_that_train_accepts():
     from massedit.tasks.config import compose
 
     spec = load_sweep(REPO / "configs/sweeps/ftw_weight_decay.yaml")
-    assert spec.method == "grid" and spec.metric == "score" and spec.goal == "maximize"
+    assert spec.method == "grid" and spec.metric == "eval/post/score" and spec.goal == "maximize"
     assert spec.program == "train.py" and "${args_no_hyphens}" in spec.command
     wds = spec.parameters["method.weight_decay"]["values"]
     assert 0 in wds and len(wds) >= 5 and max(wds) / min(w for w in wds if w > 0) >= 1e3
@@ -332,3 +332,30 @@ def test_edit_py_is_a_sweep_program(tmp_path, monkeypatch):
     s = run_sweep(spec, tmp_path / "out", log_to_wandb=False, progress=False)
     assert s["n_finished"] == 2 and s["n_failed"] == 0, [r.get("error") for r in s["rows"]]
     assert all(r["efficacy_success"] is not None and r["metric"] == r["score"] for r in s["rows"])
+
+
+def test_summary_reads_massedit_results_with_cis_and_the_scaling_file(tmp_path):
+    """Trials report massedit's results.json layout (eval.{pre,post}.{metric,metric_ci}); the summary carries the CIs
+    and the plot is written; the shipped scaling sweep is a grid over data.num_edits that `edit` accepts."""
+    from massedit.tasks.config import compose
+
+    spec = _spec(params={"data.num_edits": {"values": [1, 4, 16]}}, metric={"name": "eval/post/score",
+                                                                           "goal": "maximize"})
+
+    def trial(ctx):
+        n = ctx.trial["params"]["data.num_edits"]
+        post = {"efficacy_success": 100.0 - n, "paraphrase_success": 90.0 - n, "neighborhood_success": 80.0,
+                "score": 85.0 - n}
+        return {"eval": {"pre": {"efficacy_success": 1.0, "score": 2.0},
+                         "post": {**post, **{f"{k}_ci": 10.0 / n for k in post}}}}
+
+    s = run_sweep(spec, tmp_path, trial, log_to_wandb=False, progress=False)
+    assert s["best"]["data.num_edits"] == 1 and s["best"]["metric"] == 84.0
+    row16 = next(r for r in s["rows"] if r["data.num_edits"] == 16)
+    assert row16["score"] == 69.0 and row16["score_ci"] == 10.0 / 16 and s["pre"]["efficacy_success"] == 1.0
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    scaling = load_sweep(REPO / "configs/sweeps/memit_num_edits_smollm2.yaml")
+    assert scaling.program == "edit.py" and scaling.metric == "eval/post/score"
+    for t in preview_trials(scaling):
+        cmd = build_command(scaling, t, extra_args=["output_dir=/tmp/x"])
+        assert compose("edit", cmd[cmd.index("edit.py") + 1:]).data.num_edits == t["data.num_edits"]
