@@ -126,18 +126,6 @@ def export_edited_model(job, model, tok, requests, deltas, info) -> "os.PathLike
     return path
 
 
-def export_edited_model(job, model, tok, requests, deltas, info) -> "os.PathLike":
-    """``export.hf_dir``: the model as edited now (deltas applied) as a Hugging Face checkpoint + ``edits.json``."""
-    from massedit.tasks.config import as_dict
-    from massedit.tasks.export import base_model_info, edit_manifest, export_hf
-
-    manifest = edit_manifest(requests=requests, method=job.method.name, hparams=as_dict(job)["method"], deltas=deltas,
-                             base_model=base_model_info(model, job.model.name_or_path, job.model.revision), info=info)
-    path = export_hf(model, tok, job.export.hf_dir, manifest)
-    print(f"Edited model exported to {path} (transformers.AutoModelForCausalLM.from_pretrained)")
-    return path
-
-
 def log_edit_artifacts(job, run, apply, provider) -> None:
     """W&B artifacts of an edit run: the deltas and the second-moment statistics it used (reusable by another run
     with ``stats.artifact=entity/project/NAME:VERSION``)."""
