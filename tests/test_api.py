@@ -61,7 +61,7 @@ def test_readme_snippet_runs_as_written_on_a_tiny_model(tiny_dir, tmp_path, monk
     code = SNIPPET.replace('"smollm2-135m"', repr(str(tiny_dir)))
     ns = {"requests": REQUESTS}
     exec(compile(code, "README-snippet", "exec"), ns)
-    result, model, tok = ns["result"], ns["model"], ns["tok"]
+    result = ns["result"]
     assert type(result).__name__ == "EditResult" and result.method == "memit"
     # adapter-chosen hparams for an unknown model: GPT-J's relative depth of a 4-layer model
     assert result.hparams["layers"] == [0, 1] and result.hparams["v_loss_layer"] == 3

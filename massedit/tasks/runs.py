@@ -132,6 +132,8 @@ class Run:
         """W&B: run summary ``eval/{stage}/{metric}`` (+ ``_ci``) and the per-case ``eval/per_case`` table (case id,
         subject, prompt, targets, then every metric before and after); other Lightning loggers (CSV, TensorBoard,
         MLflow): ``log_metrics`` of the same numbers. A logging failure never loses the written report."""
+        if not getattr(self, "is_main", True):  # several ranks: rank 0 logs
+            return
         flat = evaluation_metrics(summary)
         try:
             exp = self._wandb_experiment()
@@ -153,7 +155,7 @@ class Run:
                      aliases: list[str] | None = None) -> bool:
         """Upload ``files`` (``{name in the artifact: path}`` or paths) as a W&B artifact (``logger.artifacts``); with
         MLflow the files become run artifacts. Other loggers: nothing (the files stay in the run directory)."""
-        if not getattr(self.config.logger, "artifacts", True) or self.logger is None:
+        if not getattr(self.config.logger, "artifacts", True) or self.logger is None or not getattr(self, "is_main", True):
             return False
         items = files.items() if isinstance(files, dict) else [(Path(f).name, f) for f in files]
         items = [(str(k), Path(v)) for k, v in items if v is not None and Path(v).is_file()]
