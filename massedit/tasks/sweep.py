@@ -660,6 +660,7 @@ def summarize(spec: SweepSpec, study, x_param: str | None = None) -> dict[str, A
         for c in SUMMARY_COLUMNS:
             row[c] = _stage_value(r, "post", c)
             row[f"{c}_ci"] = _stage_value(r, "post", f"{c}_ci")
+            row[f"pre_{c}"] = _stage_value(r, "pre", c)  # the unedited model on this trial's requests
         row["metric"] = _as_float(get_path(r, spec.metric))
         norms = get_path(r, "delta_norms")
         row["delta_norm"] = (_as_float(math.sqrt(sum(float(v) ** 2 for v in norms.values())))

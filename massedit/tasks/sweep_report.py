@@ -92,11 +92,14 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, logx: bool | None
                 lo = [a - b if a is not None and b is not None else nan for a, b in zip(ys, ci)]
                 hi = [a + b if a is not None and b is not None else nan for a, b in zip(ys, ci)]
                 ax.fill_between(xs, lo, hi, color=colors[c], alpha=0.15, lw=0)
-        if pre.get(c) is not None:
+        pre_ys = [r.get(f"pre_{c}") for r in rows]
+        if any(v is not None for v in pre_ys):  # the unedited model on each trial's own requests
+            ax.plot(xs, [v if v is not None else nan for v in pre_ys], "--", color=colors[c], lw=0.8, alpha=0.5)
+        elif pre.get(c) is not None:
             ax.axhline(pre[c], color=colors[c], ls="--", lw=0.8, alpha=0.5)
     if any(r.get(f"{c}_ci") is not None for r in rows for c in SUMMARY_COLUMNS):
         ax.fill_between([], [], [], color="gray", alpha=0.15, label="95% CI")
-    if any(v is not None for v in pre.values()):
+    if any(v is not None for v in pre.values()) or any(r.get(f"pre_{c}") is not None for r in rows for c in SUMMARY_COLUMNS):
         ax.plot([], [], "k--", lw=0.8, alpha=0.5, label="unedited model (dashed)")
     if summary["metric"] not in SUMMARY_COLUMNS and not str(summary["metric"]).endswith("/score"):
         ax.plot(xs, [r.get("metric") for r in rows], "k--", label=summary["metric"])
