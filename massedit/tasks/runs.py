@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 from massedit.core.io import atomic_write_json, atomic_write_text
 from massedit.core.errors import InputError
 
@@ -330,10 +332,22 @@ def start_experiment(logger) -> None:
         log.warning("could not start the %s run: %s", type(logger).__name__, e)
 
 
+def as_dict(job) -> dict[str, Any]:
+    """The resolved job config as plain nested dicts (for config.yaml, W&B and cache keys).
+
+    Lives here, not in :mod:`massedit.tasks.config` (which re-exports it), so that ``config`` -> ``runs``
+    (for :class:`LoggerConfig`) is the only import between the two modules (no cycle)."""
+    if isinstance(job, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(job, resolve=True)
+    return OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
+
+
+def to_yaml(job) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(as_dict(job)))
+
+
 def setup_run(job) -> Run:
     """Create the run directory, write the resolved config, attach a log file, seed, build the logger."""
-    from massedit.tasks.config import as_dict, to_yaml
-
     configure_logging(job.log_level)
     run_dir = Path(job.output_dir or default_run_dir(job)).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
