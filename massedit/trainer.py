@@ -126,7 +126,8 @@ def build_trainer(cfg: TrainerConfig | None = None, *, model_dtype: torch.dtype 
     kw.update(lightning_kwargs(cfg, model_dtype))
     kw.update(stage_kwargs)
     with quiet_lightning():  # logger None = no logger (Lightning's None would mean a default one in ./lightning_logs)
-        return pl.Trainer(logger=logger if logger is not None else False, callbacks=list(callbacks), **kw)
+        return pl.Trainer(logger=logger if logger is not None else False,
+                          callbacks=with_rich_progress(callbacks, kw["enable_progress_bar"]), **kw)
 
 
 class KeepDispatched:
@@ -152,6 +153,17 @@ def check_device_map(cfg: TrainerConfig, device_map) -> None:
         raise TrainerConfigError(f"model.device_map={device_map} runs one process over all visible devices: set "
                                  f"trainer.devices=1 (now {cfg.devices}); use several ranks only for models that fit "
                                  f"one device each")
+
+
+def with_rich_progress(callbacks: Sequence[Any], enabled: bool) -> list[Any]:
+    """One progress library for every run: Lightning's stages get ``RichProgressBar`` (rich, like massedit's own
+    bars in :mod:`massedit.core.progress`) unless a progress bar callback is given."""
+    from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
+
+    callbacks = list(callbacks)
+    if enabled and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(RichProgressBar(leave=False))
+    return callbacks
 
 
 def place_model(model: torch.nn.Module, trainer) -> torch.device:

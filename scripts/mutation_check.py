@@ -41,6 +41,22 @@ MUTATIONS = [
     ("pipeline: ApplyEdit does not apply the deltas", "massedit/callbacks/apply_edit.py",
      "self._backup = apply_deltas(model, deltas)", "self._backup = None",
      ["tests/test_edit_job.py"]),
+    ("export: save_pretrained without the deltas", "massedit/tasks/export.py",
+     "    if applied:\n        return export_hf(model, tok, out_dir, manifest)",
+     "    if True:\n        return export_hf(model, tok, out_dir, manifest)",
+     ["tests/test_api.py::test_edit_result_apply_revert_save_and_export_loads_with_transformers"]),
+    ("hparams: layers not at the paper's relative depth", "massedit/editing/hparams.py",
+     'PAPER_DEPTH = {"memit": (3, 8, 28), "rome": (5, 5, 28)}', 'PAPER_DEPTH = {"memit": (3, 8, 24), "rome": (5, 5, 28)}',
+     ["tests/test_api.py::test_model_hf_hparams_from_the_architecture_and_early_failures"]),
+    ("sweep: interrupted trials not re-queued on resume", "massedit/tasks/sweep.py",
+     "        self._requeue(interrupted)\n", "        pass\n",
+     ["tests/test_sweep.py::test_resume_does_not_rerun_finished_trials"]),
+    ("W&B: nested config (a sweep's `method: rome` replaces the section)", "massedit/tasks/runs.py",
+     "config=flat, job_type=cfg.job_type", "config=config_dict, job_type=cfg.job_type",
+     ["tests/test_wandb.py::test_simulated_wandb_agent_keeps_the_nested_config"]),
+    ("MEND: resume restores no counters", "massedit/lightning_modules/mend.py",
+     '        self.iters = int(prog.get("iters", 0))', "        pass",
+     ["tests/test_lightning_eco.py::test_mend_resumes_from_ckpt_path"]),
 ]
 
 
