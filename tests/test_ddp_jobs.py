@@ -146,6 +146,17 @@ sys.exit(main())
 """
 
 
+FAILING_LATE = """import os, sys
+if os.environ.get("LOCAL_RANK") == "1":  # rank 1 fails after the last collective (rank 0 has nothing left to wait on)
+    from massedit.tasks import runs
+    def boom(self):
+        raise RuntimeError("injected late failure on rank 1")
+    runs.Run.finish = boom
+from massedit.cli import main
+sys.exit(main())
+"""
+
+
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_job(tiny):
     script = tiny / "failing_edit.py"
@@ -154,6 +165,12 @@ def test_a_failing_rank_fails_the_job(tiny):
     assert p.returncode != 0
     assert "injected failure on rank 1" in p.stderr
     assert not (tiny / "failed" / "deltas.safetensors").exists()
+    # a failure after rank 0's work is done still fails the job (rank 0 waits for the ranks it launched)
+    script.write_text(FAILING_LATE)
+    p = massedit(tiny, "edit", 2, *MEMIT, "output_dir=late", cache="cache1", script=str(script), timeout=300)
+    assert "injected late failure on rank 1" in p.stderr
+    assert (tiny / "late" / "results.json").exists()  # rank 0 finished its part
+    assert p.returncode != 0 and "rank(s) 1 (exit 1) failed" in p.stderr
 
 
 @pytest.mark.slow
