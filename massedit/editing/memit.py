@@ -23,6 +23,7 @@ import torch
 
 from massedit.core.adapters import get_adapter
 from massedit.core.deltas import Deltas
+from massedit.core.guards import EditGuardError, check_finite
 from massedit.core.models import model_fingerprint
 from massedit.editing.context_templates import as_groups, flatten
 from massedit.editing.hparams import EditHparams
@@ -32,6 +33,8 @@ from massedit.editing.target_cache import TargetCache
 from massedit.editing.targets import TargetResult, build_target_problem, optimise_targets, summarize_results
 
 log = logging.getLogger(__name__)
+
+_Z_HINT = "the target optimisation diverged: lower method.v_lr, or check the model / cache"
 
 
 def memit_solve(K: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
@@ -94,6 +97,8 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
     device = next(model.parameters()).device
     if targets is None:
         targets = compute_targets(model, tok, requests, hp, flat, cache=cache, progress=progress)
+    for t in targets:  # before any weight is written
+        check_finite(t.target, f"memit: target z of request case_id={t.case_id}", hint=_Z_HINT)
     Z = torch.stack([t.target for t in targets], dim=1).to(device)  # [d, N]
     originals = {l: adapter.rewrite_weight(l).detach().clone() for l in layers}
     deltas: Deltas = {}
@@ -103,7 +108,14 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
         _, H = bare_prompt_io(model, tok, adapter.block_name(L), requests, hp.fact_token)
         H = H.T  # [d, N]
         E = Z - H
-        A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
+        check_finite(K, f"memit: keys K of layer {l}", hint="the model's weights or inputs hold NaN/Inf")
+        try:
+            A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
+        except torch.linalg.LinAlgError as e:
+            raise EditGuardError(f"memit: λC + KKᵀ of layer {l} is singular ({e}); check the statistics") from None
+        check_finite(A, f"memit: solve (λC + KKᵀ)⁻¹K of layer {l} (λ=method.mom2_update_weight="
+                     f"{hp.mom2_update_weight})", hint="C is singular or corrupt: check the statistics")
+        check_finite(upd, f"memit: update ΔW of layer {l}")
         w = adapter.rewrite_weight(l)
         upd_param = adapter.to_param_layout(upd).float()
         with torch.no_grad():
