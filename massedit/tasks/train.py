@@ -25,6 +25,7 @@ from massedit.lightning_modules.mend import AtomicCheckpointIO, MendModule
 from massedit.tasks.edit import edit_job
 from massedit.tasks.methods import TRAINABLE, UnknownMethodError
 from massedit.tasks.runs import setup_run
+from massedit.tasks.validate import validate_job
 from massedit.trainer import build_trainer, place_model
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def train_mend(job) -> dict[str, Any]:
 
     m: MendConfig = job.method
     t = m.train
-    run = setup_run(job)
+    checked = validate_job(job)  # everything checkable before the run directory exists (tasks/validate.py)
+    run = setup_run(job, run_dir=checked.run_dir)
     try:
         model, tok = load_model_and_tokenizer(job.model)
         model.eval().requires_grad_(False)
