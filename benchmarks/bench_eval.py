@@ -2,7 +2,7 @@
 
     python benchmarks/bench_eval.py --data ../shared/data/counterfact/counterfact_dev.json --num-records 200
 
-Prints wall time and process CPU time of ``massedit.evaluation.evaluate`` (model already loaded),
+Prints wall time and process CPU time of ``massedit.tasks.evaluate.evaluate`` (model already loaded),
 prompt/continuation/token counts, throughput, the CPU threads used and the machine load (on a shared machine the
 wall time depends on the other processes; with ``--threads 1`` the CPU time is the compute the evaluation needs); ``--compare-plain`` also times the one-row-per-continuation
 path (no prefix sharing).
@@ -40,15 +40,18 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from massedit.core.models import load_model_and_tokenizer
     from massedit.data.requests import load_requests
-    from massedit.evaluation import evaluate, write_report
+    from massedit.evaluation.report import write_report
+    from massedit.tasks.evaluate import evaluate
+    from massedit.trainer import TrainerConfig
 
     model, tok = load_model_and_tokenizer({"name_or_path": args.model, "dtype": args.dtype}, device=args.device)
     reqs = load_requests(args.data, num_edits=args.num_records)
     n_prompts = sum(1 + len(r.paraphrase_prompts) + len(r.neighborhood_prompts) for r in reqs)
     cfg = {"generation": False, "batch_size": args.batch_size, "row_tokens": args.row_tokens, "scoring": args.scoring}
+    quiet = TrainerConfig(enable_progress_bar=False)
     load0 = os.getloadavg()[0]
     c0, t0 = time.process_time(), time.perf_counter()
-    res = evaluate(model, tok, reqs, cfg, stage="pre", trainer_kwargs={"enable_progress_bar": False})
+    res = evaluate(model, tok, reqs, cfg, stage="pre", trainer_cfg=quiet)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {
         "records": len(reqs), "prompts": n_prompts, "scored_continuations": res.info["n_branches"],
@@ -62,7 +65,7 @@ def main(argv=None) -> dict:
     }
     if args.compare_plain:
         t0 = time.perf_counter()
-        evaluate(model, tok, reqs, {**cfg, "scoring": "plain"}, stage="pre", trainer_kwargs={"enable_progress_bar": False})
+        evaluate(model, tok, reqs, {**cfg, "scoring": "plain"}, stage="pre", trainer_cfg=quiet)
         out["seconds_plain"] = round(time.perf_counter() - t0, 2)
     if args.out:
         print(write_report(res, None, args.out, title=f"{args.model} on {os.path.basename(args.data)} (first {len(reqs)} records)"))

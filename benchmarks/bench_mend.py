@@ -25,6 +25,7 @@ from massedit.core.io import atomic_write_json  # noqa: E402
 from massedit.core.models import load_model_and_tokenizer  # noqa: E402
 from massedit.data.requests import load_requests  # noqa: E402
 from massedit.editing.mend import build_mend_net, load_editor, mend_deltas  # noqa: E402
+from massedit.tasks.config import compose  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -43,10 +44,8 @@ def main(argv=None) -> dict:
     reqs = load_requests(args.data, num_edits=args.n, skip_invalid=True)
     if args.editor:
         net = load_editor(args.editor, model)
-    else:
-        from omegaconf import OmegaConf
-
-        net = build_mend_net(model, OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/method/mend.yaml"))
+    else:  # the configured defaults of method=mend (configs/method/mend.yaml over MendConfig)
+        net = build_mend_net(model, compose("edit", ["method=mend"]).method)
     net.eval()
     t0 = time.perf_counter()
     deltas = mend_deltas(model, tok, net, reqs, chunk_size=args.chunk, progress=True)

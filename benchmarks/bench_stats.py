@@ -42,16 +42,23 @@ def main(argv=None) -> dict:
 
     from massedit.core.models import load_model_and_tokenizer
     from massedit.stats.collect import collect_layer_stats
+    from massedit.stats.config import StatsConfig
 
     torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]
     model, tok = load_model_and_tokenizer({"name_or_path": args.model, "dtype": args.model_dtype})
-    cfg = dict(corpus=args.corpus, format="wikitext", packing="chars", n_samples=None, n_tokens=args.n_tokens,
-               max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype, cache=False,
-               engine=args.engine, checkpoint_every=0)
+    cfg = StatsConfig(corpus=args.corpus, format="wikitext", packing="chars", n_samples=None, n_tokens=args.n_tokens,
+                      max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype, cache=False,
+                      checkpoint_every=0)
+    engine = None  # the plain-torch loop (massedit.stats.collect.TorchEngine)
+    if args.engine == "lightning":  # Trainer.predict, as the edit job runs it (massedit.tasks.stats / edit)
+        from massedit.lightning_modules.stats import LightningStatsEngine
+        from massedit.trainer import TrainerConfig, build_trainer
+
+        engine = LightningStatsEngine(build_trainer(TrainerConfig(accelerator="cpu", enable_progress_bar=False)))
 
     t0 = time.perf_counter()
-    one = collect_layer_stats(model, tok, layers, cfg, model_name=args.model, progress=False)
+    one = collect_layer_stats(model, tok, layers, cfg, model_name=args.model, progress=False, engine=engine)
     t_one = time.perf_counter() - t0
     n_tok = one[layers[0]].count
     res = {"model": args.model, "layers": layers, "tokens": n_tok, "engine": args.engine, "threads": args.threads,
@@ -63,7 +70,8 @@ def main(argv=None) -> dict:
         t_per, max_rel = 0.0, 0.0
         for layer in layers:
             t0 = time.perf_counter()
-            st = collect_layer_stats(model, tok, [layer], cfg, model_name=args.model, progress=False)[layer]
+            st = collect_layer_stats(model, tok, [layer], cfg, model_name=args.model, progress=False,
+                                     engine=engine)[layer]
             dt = time.perf_counter() - t0
             t_per += dt
             rel = float((st.C - one[layer].C).norm() / one[layer].C.norm())

@@ -14,14 +14,13 @@ Conditions (all edit the same weights, the editor's inner parameters):
 
 ``--mode single`` (default): each request is edited alone (what MEND is trained for), evaluated, reverted;
 the factors are captured once per request and shared by all conditions. ``--mode concurrent``: all
-requests edited at once (REFERENCE_SPEC §5.6). Metrics: zsRE teacher-forced token accuracy ×100
-(efficacy / paraphrase / neighbourhood, :mod:`massedit.editing.mend.quick_eval`).
+requests edited at once (REFERENCE_SPEC §5.6). Metrics: the shared evaluation (REFERENCE_SPEC §4, the one the edit
+job reports, :mod:`massedit.tasks.evaluate`, without generation): zsRE teacher-forced token accuracy ×100
+(efficacy / paraphrase / neighbourhood); in single mode the mean over requests of each request's own evaluation.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,12 @@ from massedit.data.requests import load_requests  # noqa: E402
 from massedit.editing.mend import (MendNet, MendNetConfig, build_edit_batch, capture_factors, load_editor,  # noqa: E402
                                    masked_nll, mend_deltas)
 from massedit.editing.mend.editor import deltas_from_factors  # noqa: E402
-from massedit.editing.mend.quick_eval import _neighbourhood_pairs, quick_metrics  # noqa: E402
+from massedit.evaluation.config import EvalConfig  # noqa: E402
+from massedit.tasks.evaluate import evaluation_components, evaluation_stage  # noqa: E402
+from massedit.trainer import TrainerConfig, build_trainer  # noqa: E402
+
+METRICS = ("efficacy_acc", "paraphrase_acc", "neighborhood_acc")
+EVAL = EvalConfig(generation=False)
 
 
 def untrained_like(net: MendNet) -> MendNet:
@@ -53,68 +57,11 @@ def gd_net(net: MendNet, lr: float) -> MendNet:
     return MendNet(net.inner, MendNetConfig(norm=False, rank=1, edit_lr=lr, update_sign=-1.0)).eval()
 
 
-class _Replay(torch.nn.Module):
-    """Stands in for a lower (unedited) block: returns the recorded output of the last unedited block."""
-
-    def __init__(self, output):
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args, **kwargs):
-        return self.output
-
-
-@contextlib.contextmanager
-def replay_unedited_blocks(model, first_edited: int, batch):
-    """Speed-up for evaluating many edits of the top layers on the same inputs: run the blocks below
-    ``first_edited`` once for ``batch``, then replay their output (exact: those weights never change)."""
-    from massedit.core.adapters import get_adapter
-    from massedit.core.nethook import Trace
-
-    a = get_adapter(model)
-    if first_edited == 0:
-        yield
-        return
-    with torch.no_grad(), Trace(model, a.block_name(first_edited - 1), retain_output=True, stop=True) as tr:
-        model(**batch.model_inputs(), use_cache=False)
-    saved = []
-    for i in range(first_edited):
-        parent_name, child = a.block_name(i).rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        saved.append((parent, child, getattr(parent, child)))
-        setattr(parent, child, _Replay(tr.output))
-    try:
-        yield
-    finally:
-        for parent, child, mod in saved:
-            setattr(parent, child, mod)
-
-
-def first_edited_layer(model, net: MendNet) -> int:
-    from massedit.core.adapters import get_adapter
-
-    a = get_adapter(model)
-    layers = [i for i in range(a.num_layers) for p in net.inner if p.module.startswith(a.block_name(i) + ".")]
-    return min(layers)
-
-
-def request_batch(tok, r):
-    prompts = [r.filled_prompt] + list(r.paraphrase_prompts)
-    targets = [r.target_new] * len(prompts)
-    nb = _neighbourhood_pairs(r)
-    return build_edit_batch(tok, prompts + [p for p, _ in nb], targets + [t for _, t in nb]), len(prompts)
-
-
-@torch.no_grad()
-def eval_request(model, tok, r, batch=None) -> dict[str, float]:
-    b, k = request_batch(tok, r) if batch is None else batch
-    logits = model(**b.model_inputs(), use_cache=False).logits
-    pred, tgt = logits[:, :-1].argmax(-1), b.labels[:, 1:]
-    mask = tgt != -100
-    acc = (((pred == tgt) & mask).sum(-1).float() / mask.sum(-1).clamp_min(1)).tolist()
-    return {"efficacy_acc": 100 * acc[0],
-            "paraphrase_acc": 100 * sum(acc[1:k]) / max(1, k - 1) if k > 1 else float("nan"),
-            "neighborhood_acc": 100 * sum(acc[k:]) / max(1, len(acc) - k) if len(acc) > k else float("nan")}
+def accuracies(trainer, model, tok, requests) -> dict[str, float]:
+    """The three token accuracies (×100) of the shared evaluation of ``model`` as it is now on ``requests``."""
+    module, dm = evaluation_components(model, tok, requests, EVAL)
+    summary = evaluation_stage(trainer, module, dm, "pre").summary
+    return {k: float("nan") if summary.get(k) is None else float(summary[k]) for k in METRICS}
 
 
 def mean_rows(rows: list[dict]) -> dict[str, float]:
@@ -141,8 +88,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr-scale", type=float, default=1.0, help="method.lr_scale for the MEND editors")
     ap.add_argument("--only", nargs="+", default=None, help="conditions to run (default: all)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-replay", dest="replay", action="store_false",
-                    help="do not reuse the unedited lower blocks' output across conditions (slower, same numbers)")
     ap.add_argument("--out", default="outputs/mend_compare.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -156,8 +101,8 @@ def main(argv=None) -> dict:
     if args.only:
         nets = {k: v for k, v in nets.items() if k in args.only}
     scales = {k: (args.lr_scale if k.startswith("mend") else 1.0) for k in nets}
+    trainer = build_trainer(TrainerConfig(accelerator="cpu", enable_progress_bar=False))  # one Trainer, every evaluation
     t0 = time.time()
-    first_edited = first_edited_layer(model, trained) if args.replay else 0
     if args.mode == "single":
         rows: dict[str, list[dict]] = {"pre": []}
         for i, r in enumerate(reqs):
@@ -165,25 +110,21 @@ def main(argv=None) -> dict:
             _, f = capture_factors(model, trained.inner,
                                    lambda: masked_nll(model(**b.model_inputs()).logits, b.labels),
                                    row_mask=b.attention_mask)
-            eb = request_batch(tok, r)
-            rows["pre"].append(eval_request(model, tok, r, eb))
-            with replay_unedited_blocks(model, first_edited, eb[0]):
-                if i == 0:  # self-check of the replay shortcut
-                    assert eval_request(model, tok, r, eb) == rows["pre"][0], "block replay changed the result"
-                for name, net in nets.items():
-                    with deltas_applied(model, deltas_from_factors(net, f, scales[name])):
-                        rows.setdefault(name, []).append(eval_request(model, tok, r, eb))
+            rows["pre"].append(accuracies(trainer, model, tok, [r]))
+            for name, net in nets.items():
+                with deltas_applied(model, deltas_from_factors(net, f, scales[name])):
+                    rows.setdefault(name, []).append(accuracies(trainer, model, tok, [r]))
             if (i + 1) % 10 == 0:
                 print(f"[{i + 1}/{len(reqs)}] {time.time() - t0:.0f}s "
                       + " ".join(f"{k}:{mean_rows(v)['efficacy_acc']:.1f}" for k, v in rows.items()), flush=True)
         summary = {k: mean_rows(v) for k, v in rows.items()}
     else:
-        summary = {"pre": quick_metrics(model, tok, reqs)}
+        summary = {"pre": accuracies(trainer, model, tok, reqs)}
         for name, net in nets.items():
             d = mend_deltas(model, tok, net, reqs, chunk_size=64, concurrent_loss=args.concurrent_loss,
                             lr_scale=scales[name])
             with deltas_applied(model, d):
-                summary[name] = quick_metrics(model, tok, reqs)
+                summary[name] = accuracies(trainer, model, tok, reqs)
             print(name, summary[name], flush=True)
     gd = {k: v for k, v in summary.items() if k.startswith("gd_")}
     best_gd = max(gd, key=lambda k: (gd[k]["efficacy_acc"] + gd[k]["paraphrase_acc"]) / 2) if gd else None

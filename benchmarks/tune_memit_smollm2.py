@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tune MEMIT for SmolLM2 on CounterFact records: z vectors once (cached on disk), then a sweep over the
-layer set R (same z layer L) and lambda, measuring efficacy / paraphrase / neighbourhood success directly
-(mean-token NLL of target_new vs target_true, REFERENCE_SPEC §4.3).
+layer set R (same z layer L) and lambda, measuring efficacy / paraphrase / neighbourhood success with the shared
+evaluation (REFERENCE_SPEC §4.3, :func:`massedit.tasks.evaluate.evaluate`, no generation).
 
     python benchmarks/tune_memit_smollm2.py --data ../shared/data/counterfact/counterfact_dev.json --n 100 \
         --layers 4,5,6,7,8 --layers 6,7,8 --lambdas 15000,5000,1000
@@ -22,58 +22,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from massedit.core.deltas import deltas_applied  # noqa: E402
-from massedit.core.tokenization import encode, target_token_ids, with_leading_space  # noqa: E402
+
+METRICS = {"ES": "efficacy_success", "PS": "paraphrase_success", "NS": "neighborhood_success"}
 
 
-@torch.no_grad()
-def mean_nll(model, tok, pairs, batch=64):
-    """Mean per-token NLL of ``" " + target`` after each prompt."""
-    out = []
-    pad = tok.pad_token_id
-    for s in range(0, len(pairs), batch):
-        rows, spans = [], []
-        for p, t in pairs[s : s + batch]:
-            a, y = encode(tok, p), target_token_ids(tok, with_leading_space(t))
-            rows.append(a + y)
-            spans.append((len(a), y))
-        w = max(map(len, rows))
-        ids = torch.full((len(rows), w), pad)
-        mask = torch.zeros((len(rows), w), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        from massedit.core.adapters import get_adapter
-        from massedit.core.nethook import Trace
+def success_rates(model, tok, reqs) -> dict[str, float]:
+    """ES, PS, NS (%) of the shared evaluation (per record mean of [NLL(new) < NLL(true)]; NS: the reverse)."""
+    from massedit.tasks.evaluate import evaluate
+    from massedit.trainer import TrainerConfig
 
-        ad = get_adapter(model)
-        with Trace(model, ad.block_name(ad.num_layers - 1), stop=True) as tr:  # logits only where they are read
-            model(input_ids=ids, attention_mask=mask)
-        h = ad.block_hidden(tr.output)
-        for i, (n, y) in enumerate(spans):
-            lp = torch.log_softmax(ad.unembed(h[i, n - 1 : n - 1 + len(y)]).float(), -1)
-            out.append(-float(sum(lp[j, t] for j, t in enumerate(y))) / len(y))
-    return out
-
-
-def success_rates(model, tok, reqs):
-    """ES, PS, NS (%) as in the reference: per record mean of [NLL(new) < NLL(true)] (NS: the reverse)."""
-    def rate(prompts_of, invert):
-        pairs, owners = [], []
-        for k, r in enumerate(reqs):
-            for p in prompts_of(r):
-                pairs += [(p, r.target_new), (p, r.target_true)]
-                owners.append(k)
-        nll = mean_nll(model, tok, pairs)
-        per = {}
-        for j, k in enumerate(owners):
-            new, true = nll[2 * j], nll[2 * j + 1]
-            ok = (true < new) if invert else (new < true)
-            per.setdefault(k, []).append(float(ok))
-        return 100 * sum(sum(v) / len(v) for v in per.values()) / len(per)
-
-    return {"ES": rate(lambda r: [r.filled_prompt], False),
-            "PS": rate(lambda r: r.paraphrase_prompts, False),
-            "NS": rate(lambda r: r.neighborhood_prompts, True)}
+    res = evaluate(model, tok, reqs, {"generation": False}, trainer_cfg=TrainerConfig(enable_progress_bar=False))
+    return {short: res.summary[key] for short, key in METRICS.items()}
 
 
 def main(argv=None):
@@ -90,16 +49,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from massedit.config import compose
     from massedit.core.models import load_model_and_tokenizer
     from massedit.data.requests import load_requests
-    from massedit.editing.context_templates import sample_memit_templates
-    from massedit.editing.hparams import load_hparams_file, resolve_hparams_path
+    from massedit.editing.context_templates import flatten, sample_memit_templates
+    from massedit.editing.hparams import load_hparams_file
     from massedit.editing.memit import apply_memit_batch, compute_targets
-    from massedit.editing.romemit_common import TargetCache
-    from massedit.stats import get_second_moments
+    from massedit.editing.target_cache import TargetCache
+    from massedit.stats.collect import get_second_moments
+    from massedit.tasks.config import compose, config_dirs, resolve_hparams_path
 
-    hp = load_hparams_file(resolve_hparams_path(args.hparams, "memit", "smollm2-135m"))
+    hp = load_hparams_file(resolve_hparams_path(args.hparams, "memit", "smollm2-135m", config_dirs()))
     layer_sets = [[int(x) for x in s.split(",")] for s in (args.layers or [",".join(map(str, hp.layers))])]
     lambdas = [float(x) for x in args.lambdas.split(",")] if args.lambdas else [hp.mom2_update_weight]
     model, tok = load_model_and_tokenizer({"name_or_path": "smollm2-135m"})
@@ -119,8 +78,6 @@ def main(argv=None):
     for L, sets in by_L.items():
         hz = hp.replace(layers=[L])
         t1 = time.time()
-        from massedit.editing.context_templates import flatten
-
         targets = compute_targets(model, tok, reqs, hz, flatten(groups), cache=TargetCache(args.z_cache))
         zs = time.time() - t1
         print(f"z at layer {L}: {zs:.0f} s, mean steps {sum(t.n_adam_steps for t in targets) / len(targets):.1f}", flush=True)

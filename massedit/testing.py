@@ -29,7 +29,7 @@ What is the product made by UniFirst? uniform. nq question: who sang nice day fo
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer_json(kind: str, vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if kind == "bpe":
         tk = Tokenizer(models.BPE())
@@ -134,11 +134,6 @@ def corpus_second_moments(model, tok, layers: Sequence[int], texts: Sequence[str
     return {l: (a / n).float().cpu() for l, a in acc.items()}
 
 
-def corpus_stats_provider(texts: Sequence[str], max_length: int = 256):
-    """A provider computing C from ``texts`` on the model it is given (unedited at call time)."""
-    return lambda model, tok, layers: corpus_second_moments(model, tok, layers, texts, max_length)
-
-
 def reference_stats_provider(root):
     """A stats provider reading C from reference-layout npz files below ``root`` (the shared fixtures)."""
     from massedit.core.adapters import get_adapter
@@ -157,3 +152,27 @@ def reference_stats_provider(root):
         return out
 
     return provide
+
+
+# ------------------------------------------------------------------------------- closed-form checks for tests
+def rome_direction_error(delta_out_in: torch.Tensor, k_star: torch.Tensor, C: torch.Tensor) -> float:
+    """How far a ROME update ``ΔW [d, m]`` is from ``r uᵀ`` with ``u ∝ C⁻¹k*`` (REFERENCE_SPEC §1.1, §1.3).
+
+    Returns ``‖ΔW (I − ûûᵀ)‖ / ‖ΔW‖`` with ``û = C⁻¹k*/‖C⁻¹k*‖`` solved here in float64: ~0 for a correct
+    update, and of order ``sin∠(k*, C⁻¹k*)`` when the editor used ``u = k*`` (or any other direction).
+    """
+    dW = delta_out_in.double()
+    u = torch.linalg.solve(C.double(), k_star.double().reshape(-1))
+    u = u / u.norm()
+    return float((dW - torch.outer(dW @ u, u)).norm() / dW.norm())
+
+
+def memit_normal_equation_error(delta_out_in: torch.Tensor, K: torch.Tensor, E: torch.Tensor, C: torch.Tensor,
+                                lam: float, i: int, n_layers: int) -> float:
+    """How far a MEMIT layer update ``ΔW [d, m]`` is from solving ``ΔW (λC + KKᵀ) = E_l Kᵀ``, ``E_l = E/(|R| − i)``
+    (REFERENCE_SPEC §2.1): the relative residual, from the layer's keys ``K [m, N]`` and residual ``E [d, N]`` only
+    (not from the editor's own ``A`` or ``E_l``), so a wrong λC term or a missing ``1/(|R| − i)`` shows."""
+    dW, K = delta_out_in.double(), K.double()
+    E_l = E.double() / (n_layers - i)
+    rhs = E_l @ K.T
+    return float((dW @ (lam * C.double() + K @ K.T) - rhs).norm() / rhs.norm())

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Build massedit/data/builtin/smollm2_facts.json: facts SmolLM2 knows, with counterfactual targets.
 
-Each candidate is checked on the unedited SmolLM2 (P(target_true) > P(target_new) on the rewrite prompt);
-only those it knows are kept. Run: python scripts/build_builtin_requests.py [--check-only]
+Each candidate is checked on the unedited SmolLM2 with the shared evaluation (``massedit.tasks.evaluate.evaluate``,
+the one the edit job reports: mean-token NLL of " target", REFERENCE_SPEC §4.3): kept when the model prefers
+target_true to target_new on the rewrite prompt with P(target_true) > 0.05 (geometric mean over its tokens),
+with the neighbourhood prompts on which it also prefers target_true. Run:
+python scripts/build_builtin_requests.py [--check-only]
 """
 from __future__ import annotations
 
@@ -211,33 +214,40 @@ CANDIDATES = [
 
 
 def build(check_only: bool = False):
-    import torch
+    import math
 
     from massedit.core.io import atomic_write_json
     from massedit.core.models import load_model_and_tokenizer
-    from massedit.core.predict import target_probability
+    from massedit.data.requests import EditRequest
+    from massedit.tasks.evaluate import evaluate
+    from massedit.trainer import TrainerConfig
 
     model, tok = load_model_and_tokenizer({"name_or_path": "smollm2-135m", "dtype": "float32"})
-    torch.set_grad_enabled(False)
+    cands = [EditRequest(case_id=k, subject=subject, prompt=prompt, target_new=new, target_true=true, relation_id=rel,
+                         paraphrase_prompts=list(para), neighborhood_prompts=list(nb), generation_prompts=list(gen))
+             for k, (rel, prompt, subject, true, new, para, nb, gen) in enumerate(CANDIDATES)]
+    res = evaluate(model, tok, cands, {"generation": False}, stage="pre",
+                   trainer_cfg=TrainerConfig(accelerator="cpu", enable_progress_bar=False))
     records, dropped = [], []
-    for k, (rel, prompt, subject, true, new, para, nb, gen) in enumerate(CANDIDATES):
-        filled = prompt.format(subject)
-        pt = target_probability(model, tok, filled, true)
-        pn = target_probability(model, tok, filled, new)
-        nb_ok = [p for p in nb if target_probability(model, tok, p, true) > target_probability(model, tok, p, new)]
-        ok = pt > pn and pt > 0.05 and para and nb_ok
-        print(f"{'keep' if ok else 'drop'} {filled!r}: P({true})={pt:.3f} P({new})={pn:.4f} nb {len(nb_ok)}/{len(nb)}")
+    for r, case in zip(cands, res.per_case, strict=True):
+        rw = case["rewrite"][0]
+        pt, pn = math.exp(-rw["nll_true"]), math.exp(-rw["nll_new"])
+        nb_ok = [row["prompt"] for row in case["neighborhood"] if row["nll_true"] < row["nll_new"]]
+        ok = pt > pn and pt > 0.05 and r.paraphrase_prompts and nb_ok
+        print(f"{'keep' if ok else 'drop'} {r.filled_prompt!r}: P({r.target_true})={pt:.3f} P({r.target_new})={pn:.4f} "
+              f"nb {len(nb_ok)}/{len(r.neighborhood_prompts)}")
         if not ok:
-            dropped.append(filled)
+            dropped.append(r.filled_prompt)
             continue
         records.append({
             "case_id": len(records),
-            "requested_rewrite": {"prompt": prompt, "relation_id": rel, "subject": subject,
-                                  "target_new": {"str": new, "id": None}, "target_true": {"str": true, "id": None}},
-            "paraphrase_prompts": para,
+            "requested_rewrite": {"prompt": r.prompt, "relation_id": r.relation_id, "subject": r.subject,
+                                  "target_new": {"str": r.target_new, "id": None},
+                                  "target_true": {"str": r.target_true, "id": None}},
+            "paraphrase_prompts": r.paraphrase_prompts,
             "neighborhood_prompts": nb_ok,
             "attribute_prompts": [],
-            "generation_prompts": gen,
+            "generation_prompts": r.generation_prompts,
         })
     print(f"kept {len(records)}, dropped {len(dropped)}")
     if not check_only:

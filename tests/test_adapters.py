@@ -88,12 +88,41 @@ def test_param_layout_roundtrip(fam):
     torch.testing.assert_close(a.from_param_layout(P), D)
 
 
+def _count_starts(modules):
+    """Forward-pre-hooks counting how often each module's forward started."""
+    calls = {name: 0 for name in modules}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=name: calls.__setitem__(n, calls[n] + 1))
+               for name, m in modules.items()]
+    return calls, handles
+
+
 @torch.no_grad()
-def test_stop_forward_early(fam):
+@pytest.mark.parametrize("stop", [True, False])
+def test_stop_forward_early(fam, stop):
+    """``stop=True`` ends the forward right after the (last) traced module: later blocks and the head never start."""
     _, model, tok, a = fam
-    with TraceDict(model, [a.rewrite_name(0)], retain_input=True, stop=True) as td:
-        model(**_inputs(tok))
-    assert td[a.rewrite_name(0)].input is not None
+    watched = {f"block{i}": a.block(i) for i in range(3)}
+    watched["lm_head"] = a.lm_head
+    calls, handles = _count_starts(watched)
+    try:
+        out = "not returned"
+        with TraceDict(model, [a.rewrite_name(1), a.rewrite_name(0)], retain_input=True, stop=stop) as td:
+            out = model(**_inputs(tok))   # stops (if at all) after block 1's rewrite module, the last one to run
+        assert td[a.rewrite_name(0)].input is not None and td[a.rewrite_name(1)].input is not None
+        with TraceDict(model, [a.rewrite_name(0), a.mlp_name(0)], stop=stop) as td:
+            model(**_inputs(tok))          # nested: stops after block 0's MLP, which contains the rewrite module
+        assert td[a.rewrite_name(0)].output is not None and td[a.mlp_name(0)].output is not None
+        with Trace(model, a.rewrite_name(2), stop=stop) as t:
+            model(**_inputs(tok))          # one module: stops inside the last block, before the head
+        assert t.output is not None
+    finally:
+        for h in handles:
+            h.remove()
+    if stop:
+        assert out == "not returned"  # the first forward never returned
+        assert calls == {"block0": 3, "block1": 2, "block2": 1, "lm_head": 0}  # nothing after the stop started
+    else:
+        assert out is not None and calls == {"block0": 3, "block1": 3, "block2": 3, "lm_head": 3}
 
 
 def test_unsupported_architecture():

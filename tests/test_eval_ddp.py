@@ -26,7 +26,7 @@ def _close(a, b, rel=1e-5, abs_=1e-7) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], rel, abs_) for k in a)
     if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y, rel, abs_) for x, y in zip(a, b))
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y, rel, abs_) for x, y in zip(a, b, strict=True))
     if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
         return b == pytest.approx(a, rel=rel, abs=abs_)
     return a == b

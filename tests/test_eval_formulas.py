@@ -87,12 +87,12 @@ def test_prefix_tree_shares_prefixes_across_prompts_and_splits_rows():
     assert b.position_ids.tolist() == [[0, 1, 2, 2, 3, 4]]
     m = b.attention_mask[0, 0].int().tolist()
     assert m[3] == [1, 1, 0, 1, 0, 0] and m[5] == [1, 1, 0, 1, 1, 1]  # node "4" never sees the other prompt's "3"
-    assert [(r, p) for r, p in zip(b.row.tolist(), b.pos.tolist())] == [(0, 2), (0, 4), (0, 5)]
+    assert [(r, p) for r, p in zip(b.row.tolist(), b.pos.tolist(), strict=True)] == [(0, 2), (0, 4), (0, 5)]
     # a row budget of 4 tokens: the second sequence starts a new row (its prefix is recomputed there)
     b4 = pack_groups([ga, gb], pad_id=0, row_tokens=4)
     assert b4.input_ids.tolist() == [[1, 2, 3, 0, 0], [1, 2, 4, 5, 6]]
     assert b4.attention_mask[0, 0, 3].int().tolist() == [0, 0, 0, 1, 0]  # padding sees itself only
-    assert [(r, p) for r, p in zip(b4.row.tolist(), b4.pos.tolist())] == [(0, 2), (1, 3), (1, 4)]
+    assert [(r, p) for r, p in zip(b4.row.tolist(), b4.pos.tolist(), strict=True)] == [(0, 2), (1, 3), (1, 4)]
 
 
 def test_counterfact_case_metrics_hand_example():

@@ -58,13 +58,13 @@ def test_counterfact_probabilities_match_direct_computation(family, scoring, row
     if scoring == "auto":
         assert res.info["scoring"]["packed"] is True
     per_case_es = []
-    for req, case in zip(reqs, res.per_case):
+    for req, case in zip(reqs, res.per_case, strict=True):
         assert case["case_id"] == req.case_id
         for kname, prompts, trues in (("rewrite", [req.filled_prompt], [req.target_true]),
                                       ("paraphrase", req.paraphrase_prompts, [req.target_true] * len(req.paraphrase_prompts)),
                                       ("neighborhood", req.neighborhood_prompts, req.neighborhood_targets)):
             assert len(case[kname]) == len(prompts)
-            for row, prompt, true in zip(case[kname], prompts, trues):
+            for row, prompt, true in zip(case[kname], prompts, trues, strict=True):
                 assert row["prompt"] == prompt
                 nll_new, ok_new = _direct_nll(model, tok, prompt, req.target_new)
                 nll_true, ok_true = _direct_nll(model, tok, prompt, true)
@@ -127,7 +127,7 @@ def test_generation_metrics_and_report(tmp_path):
     pre = evaluate(model, tok, reqs, cfg, stage="pre", trainer_cfg=QUIET)
     # case 0 and case 10 are multiples of 10 -> both generated
     assert pre.info["n_generation_cases"] == 2
-    assert all(c["fluency"] is not None and len(c["generations"]) == len(r.generation_prompts) for c, r in zip(pre.per_case, reqs))
+    assert all(c["fluency"] is not None and len(c["generations"]) == len(r.generation_prompts) for c, r in zip(pre.per_case, reqs, strict=True))
     assert pre.summary["fluency"] > 0 and pre.summary["consistency"] is None
     again = evaluate(model, tok, reqs, cfg, stage="post", trainer_cfg=QUIET)
     assert again.per_case[0]["generations"] == pre.per_case[0]["generations"]  # seeded
@@ -218,11 +218,11 @@ def test_tiny_gpt2_fixture_pre_nlls(shared_dir):
 
 
 def _compare_to_reference(res, per_request, summary, atol):
-    for ref, case in zip(per_request, res.per_case):
+    for ref, case in zip(per_request, res.per_case, strict=True):
         assert ref["case_id"] == case["case_id"]
         for kind in ("rewrite", "paraphrase", "neighborhood"):
             assert len(ref[kind]) == len(case[kind])
-            for r, c in zip(ref[kind], case[kind]):
+            for r, c in zip(ref[kind], case[kind], strict=True):
                 assert r["prompt"] == c["prompt"]
                 assert c["nll_new"] == pytest.approx(r["nll_new"], abs=atol)
                 assert c["nll_true"] == pytest.approx(r["nll_true"], abs=atol)

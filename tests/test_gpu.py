@@ -101,9 +101,9 @@ def test_evaluation_on_cuda_matches_cpu(family):
         model = on(cpu, DTYPES[dtype])
         got = evaluate(model, tok, reqs, {"generation": True, "batch_size": 3}, stage="pre", trainer_cfg=QUIET)
         assert next(model.parameters()).device == model.device
-        for a, b in zip(got.per_case, ref.per_case):
+        for a, b in zip(got.per_case, ref.per_case, strict=True):
             for key in ("rewrite", "paraphrase", "neighborhood"):
-                for pa, pb in zip(a[key], b[key]):
+                for pa, pb in zip(a[key], b[key], strict=True):
                     for w in ("nll_new", "nll_true"):
                         assert abs(pa[w] - pb[w]) <= tol * max(1.0, abs(pb[w])), (dtype, key, w, pa[w], pb[w])
         assert got.summary["fluency"] is not None

@@ -11,7 +11,7 @@ from massedit.editing.hparams import EditHparams
 from massedit.editing.memit import MemitEditor, memit_layer_update, memit_solve
 from massedit.editing.target_cache import TargetCache
 from massedit.testing import corpus_second_moments
-from massedit.testing import _CORPUS, FAMILIES, tiny_model
+from massedit.testing import _CORPUS, FAMILIES, memit_normal_equation_error, tiny_model
 
 TEXTS = [s.strip() + "." for s in _CORPUS.split(".") if s.strip()]
 GROUPS = [["{}"], ["The city. {}", "I think that. {}"]]
@@ -23,9 +23,12 @@ REQS = [
 ]
 
 
+LAM = 0.1  # mom2_update_weight
+
+
 def memit_hp(layers, **kw):
     base = dict(layers=layers, v_num_grad_steps=20, v_lr=0.5, clamp_norm_factor=1000.0, v_weight_decay=0.0,
-                kl_factor=0.0625, mom2_update_weight=0.1)
+                kl_factor=0.0625, mom2_update_weight=LAM)
     base.update(kw)
     return EditHparams(**base)
 
@@ -61,6 +64,12 @@ def test_memit_batch_edits_and_leaves_model(family, tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert set(deltas) == {a.rewrite_weight_name(l) for l in layers}
+    # each layer's ΔW solves ΔW (λC + KKᵀ) = E/(|R|-i) Kᵀ with the anisotropic corpus C (K, E from the editor's
+    # intermediates; λC and the 1/(|R|-i) applied here): fails if the solve drops or replaces λC, or the spread
+    for p in editor.intermediates["batches"][0]["per_layer"]:
+        err = memit_normal_equation_error(a.from_param_layout(deltas[p["weight_name"]]), p["K"], p["E"], C[p["layer"]],
+                                          LAM, p["i"], len(layers))
+        assert err < 1e-3, (p["layer"], err)
     with deltas_applied(model, deltas):
         for r in REQS:
             assert argmax_next(model, tok, r.filled_prompt) == target_token_ids(tok, " " + r.target_new)[0], r.case_id

@@ -5,12 +5,13 @@ import torch
 
 from massedit.callbacks.memit import MEMIT
 from massedit.callbacks.rome import ROME
+from massedit.core.adapters import get_adapter
 from massedit.core.deltas import load_deltas
 from massedit.core.tokenization import target_token_ids
 from massedit.data.requests import EditRequest
 from massedit.editing.hparams import EditHparams
 from massedit.testing import corpus_second_moments
-from massedit.testing import _CORPUS, tiny_model
+from massedit.testing import _CORPUS, memit_normal_equation_error, rome_direction_error, tiny_model
 
 TEXTS = [s.strip() + "." for s in _CORPUS.split(".") if s.strip()]
 REQ = EditRequest(case_id=1, subject="Japan", prompt="The capital of {}", target_new="Rome", target_true="Tokyo")
@@ -45,14 +46,23 @@ def _run(cb_cls, hp, tmp_path, revert):
     assert set(saved) == set(cb.deltas)
     same = all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
     assert same == revert
+    return cb, C, get_adapter(model)
 
 
 def test_rome_callback(tmp_path):
     hp = EditHparams(layers=[1], v_num_grad_steps=20, clamp_norm_factor=1000.0, v_weight_decay=0.0)
-    _run(ROME, hp, tmp_path, revert=True)
+    cb, C, a = _run(ROME, hp, tmp_path, revert=True)
+    # the saved update is r uᵀ with u ∝ C⁻¹k* for the (anisotropic) corpus C: fails for u = k*
+    k_star = cb.editor.intermediates["requests"][0]["k_star"]
+    assert rome_direction_error(a.from_param_layout(cb.deltas[a.rewrite_weight_name(1)]), k_star, C[1]) < 1e-3
 
 
 def test_memit_callback(tmp_path):
     hp = EditHparams(layers=[1, 2], v_num_grad_steps=20, clamp_norm_factor=1000.0, v_weight_decay=0.0,
                      mom2_update_weight=0.1)
-    _run(MEMIT, hp, tmp_path, revert=False)
+    cb, C, a = _run(MEMIT, hp, tmp_path, revert=False)
+    # each layer's update solves ΔW (λC + KKᵀ) = E/(|R|-i) Kᵀ: fails if the solve drops or replaces λC
+    for p in cb.editor.intermediates["batches"][0]["per_layer"]:
+        err = memit_normal_equation_error(a.from_param_layout(cb.deltas[p["weight_name"]]), p["K"], p["E"], C[p["layer"]],
+                                          hp.mom2_update_weight, p["i"], len(hp.layers))
+        assert err < 1e-3, (p["layer"], err)

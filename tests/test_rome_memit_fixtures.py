@@ -53,11 +53,11 @@ def check_memit(model, tok, fx, n_requests=None):
     C = reference_stats_provider(fx / "stats")(model, tok, hp.layers)
     deltas, info = apply_memit(model, tok, reqs, hp, groups, C, progress=False)
     inter = info["batches"][0]
-    for ours, theirs in zip(inter["requests"], ref["requests"]):  # step counts first (early-stop divergence)
+    for ours, theirs in zip(inter["requests"], ref["requests"], strict=True):  # step counts first (early-stop divergence)
         assert ours["n_adam_steps"] == theirs["n_adam_steps"], f"early-stop divergence for case {theirs['case_id']}"
-    for ours, theirs in zip(inter["requests"], ref["requests"]):
+    for ours, theirs in zip(inter["requests"], ref["requests"], strict=True):
         assert rel(ours["z"], theirs["z"]) <= TOL, theirs["case_id"]
-    for ours, theirs in zip(inter["per_layer"], ref["per_layer"]):
+    for ours, theirs in zip(inter["per_layer"], ref["per_layer"], strict=True):
         for k in ("K", "H", "A", "E_l"):
             assert rel(ours[k], theirs[k]) <= TOL, (theirs["layer"], k)
     assert set(deltas) == set(expected)
@@ -109,9 +109,9 @@ def test_tiny_gpt2_rome_matches_reference(shared_dir):
     reqs, hp, templates, ref, expected = _load(fx, "rome")
     C = reference_stats_provider(fx / "stats")(model, tok, hp.layers)
     deltas, inters = apply_rome(model, tok, reqs, hp, templates, C, progress=False)
-    for ours, theirs in zip(inters, ref["requests"]):
+    for ours, theirs in zip(inters, ref["requests"], strict=True):
         assert ours["n_adam_steps"] == theirs["n_adam_steps"], f"early-stop divergence for case {theirs['case_id']}"
-    for ours, theirs in zip(inters, ref["requests"]):
+    for ours, theirs in zip(inters, ref["requests"], strict=True):
         for k in ("k_star", "u", "v0", "v_star", "k0", "o0", "right_vector"):
             assert rel(ours[k], theirs[k]) <= TOL, (theirs["case_id"], k)
     assert set(deltas) == set(expected)
@@ -185,7 +185,7 @@ def test_optimisation_rows_match_reference_tokens(shared_dir):
         for method in ("rome", "memit"):
             reqs, _, templates, ref, _ = _load(fx, method)
             for teacher_forcing in ("ids", "string"):
-                for r, theirs in zip(reqs, ref["requests"]):
+                for r, theirs in zip(reqs, ref["requests"], strict=True):
                     p = build_target_problem(tok, r, flatten(templates), teacher_forcing=teacher_forcing)
                     assert p.input_ids == theirs["input_ids"], (name, method, teacher_forcing, r.case_id)
                     assert p.lookup_idxs == theirs["lookup_idxs"]

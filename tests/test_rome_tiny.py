@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from massedit.core.adapters import get_adapter
-from massedit.core.deltas import deltas_applied, apply_deltas, load_deltas, revert_deltas, save_deltas
+from massedit.core.deltas import apply_deltas, load_deltas, revert_deltas, save_deltas
 from massedit.core.tokenization import target_token_ids
 from massedit.data.requests import EditRequest
 from massedit.editing.hparams import EditHparams
 from massedit.testing import corpus_second_moments
 from massedit.editing.rome import RomeEditor, apply_rome, left_vector, rank_one_update, right_vector
-from massedit.testing import _CORPUS, FAMILIES, tiny_model
+from massedit.testing import _CORPUS, FAMILIES, rome_direction_error, tiny_model
 
 TEXTS = [s.strip() + "." for s in _CORPUS.split(".") if s.strip()]
 TEMPLATES = ["{}", "The city. {}", "I think that. {}"]
@@ -31,16 +31,33 @@ def next_token_argmax(model, tok, text):
         return int(model(**ids).logits[0, -1].argmax())
 
 
+def anisotropic_C(m: int, seed: int = 0) -> torch.Tensor:
+    """A well-conditioned second moment that is far from any multiple of I (eigenvalues spread over ~30x)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(8 * m, m, generator=g) * torch.linspace(0.3, 1.7, m)
+    return X.T @ X / (8 * m)
+
+
 def test_rank_one_algebra():
     torch.manual_seed(0)
-    C = torch.eye(6) * 2
+    C = anisotropic_C(6)
     k_star, k0 = torch.randn(6), torch.randn(6)
     u = left_vector(k_star, torch.inverse(C))
-    assert torch.allclose(u, k_star / k_star.norm(), atol=1e-6)
+    expected = torch.linalg.solve(C.double(), k_star.double())
+    expected = (expected / expected.norm()).float()
+    assert torch.allclose(u, expected, atol=1e-5)  # u = C⁻¹k*/‖C⁻¹k*‖ ...
+    assert float(torch.dot(u, k_star / k_star.norm())) < 0.95  # ... which C makes different from k*/‖k*‖
+    assert torch.allclose(left_vector(k_star, None), k_star / k_star.norm())  # mom2_adjustment=False
     W = torch.randn(4, 6)
     v_star = torch.randn(4)
     r = right_vector(v_star, W @ k0, u, k0)
-    assert torch.allclose((W + rank_one_update(u, r)) @ k0, v_star, atol=1e-5)  # bare key maps to v*
+    dW = rank_one_update(u, r)
+    assert torch.allclose((W + dW) @ k0, v_star, atol=1e-5)  # bare key maps to v*
+    assert rome_direction_error(dW, k_star, C) < 1e-5
+    # keys with uᵀk = 0 (C⁻¹-orthogonal to k*) are left alone
+    k_perp = torch.randn(6)
+    k_perp = k_perp - torch.dot(k_perp, u) * u
+    assert torch.allclose(dW @ k_perp, torch.zeros(4), atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -61,6 +78,10 @@ def test_rome_edits_argmax_and_touches_only_rewrite_weight(family):
         assert torch.equal(v, before[k]), k
     assert set(deltas) == {a.rewrite_weight_name(layer)}
     assert deltas[a.rewrite_weight_name(layer)].shape == a.rewrite_weight(layer).shape
+    # ΔW = r uᵀ with u ∝ C⁻¹k* (k* from the editor's intermediates; C⁻¹k* solved here): fails for u = k*
+    k_star = editor.intermediates["requests"][0]["k_star"]
+    err = rome_direction_error(a.from_param_layout(deltas[a.rewrite_weight_name(layer)]), k_star, C[layer])
+    assert err < 1e-3, err
     backup = apply_deltas(model, deltas)
     try:
         assert next_token_argmax(model, tok, REQ.filled_prompt) == target
@@ -98,3 +119,21 @@ def test_rome_sequential_two_requests_and_delta_file(tmp_path):
         assert next_token_argmax(model, tok, r.filled_prompt) == t
     revert_deltas(model, backup)
     assert torch.equal(model.get_parameter(name), w0)
+
+
+def test_rome_on_the_last_layer():
+    """The edited MLP sits inside the final block, both traced with stop=True: the trace must run the block to its
+    end (it used to stop inside the MLP, leaving the final block's output unset)."""
+    torch.set_num_threads(1)
+    model, tok = tiny_model("gpt2", seed=0, n_layer=3)
+    a = get_adapter(model)
+    layer = a.num_layers - 1
+    C = corpus_second_moments(model, tok, [layer], TEXTS)
+    editor = RomeEditor(hparams=rome_hp(layer), stats=lambda m, t, l: C, context_templates=TEMPLATES, progress=False)
+    deltas = editor.edit(model, tok, [REQ])
+    assert set(deltas) == {a.rewrite_weight_name(layer)}
+    backup = apply_deltas(model, deltas)
+    try:
+        assert next_token_argmax(model, tok, REQ.filled_prompt) == target_token_ids(tok, " " + REQ.target_new)[0]
+    finally:
+        revert_deltas(model, backup)

@@ -43,7 +43,7 @@ def test_batched_equals_one_at_a_time(family, block):
     one = optimise_targets(model, tok, probs, hp, batched=False, **kw)
     many = optimise_targets(model, tok, probs, hp, batched=True, max_tokens=10_000, **kw)
     tiny_batches = optimise_targets(model, tok, probs, hp, batched=True, max_tokens=1, **kw)  # one request per sub-batch
-    for x, y, z in zip(one, many, tiny_batches):
+    for x, y, z in zip(one, many, tiny_batches, strict=True):
         assert x.n_adam_steps == y.n_adam_steps == z.n_adam_steps
         assert x.early_stopped == y.early_stopped
         assert _rel(y.target, x.target) <= TOL and _rel(z.target, x.target) <= TOL
@@ -76,7 +76,7 @@ def test_frozen_prefix_reuse_is_exact(family):
                   progress=False, batched=True, prefix_block=prefix)
         on = optimise_targets(model, tok, probs, hp, **kw)
         off = optimise_targets(model, tok, probs, hp.replace(reuse_frozen_prefix=False), **kw)
-        for x, y in zip(on, off):
+        for x, y in zip(on, off, strict=True):
             assert x.n_adam_steps == y.n_adam_steps
             assert _rel(x.target, y.target) <= 1e-5
     assert all(type(a.block(i)).__name__ != "_FrozenPrefixBlock" for i in range(a.num_layers))  # restored

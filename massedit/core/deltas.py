@@ -77,23 +77,10 @@ def deltas_applied(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> Iter
 
 
 @torch.no_grad()
-def snapshot(model: nn.Module, names) -> Deltas:
-    params = _params(model)
-    return {n: params[n].detach().clone() for n in names}
-
-
-@torch.no_grad()
 def diff_from(model: nn.Module, originals: Mapping[str, torch.Tensor]) -> Deltas:
     """``W_now - W_orig`` in float32 for every parameter in ``originals``."""
     params = _params(model)
     return {n: params[n].detach().float() - w.float() for n, w in originals.items()}
-
-
-def add_deltas(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Deltas:
-    out = {k: v.clone() for k, v in a.items()}
-    for k, v in b.items():
-        out[k] = out[k] + v.to(out[k]) if k in out else v.clone()
-    return out
 
 
 def save_deltas(path, deltas: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:

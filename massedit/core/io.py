@@ -19,7 +19,7 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -243,24 +243,6 @@ def content_checksum(obj: Any) -> str:
     return h.hexdigest()
 
 
-def tensor_fingerprint(t: torch.Tensor, n: int = 16) -> str:
-    """sha256 of a tensor's bytes (device/dtype preserved in the hash input)."""
-    t = t.detach().contiguous().cpu()
-    h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:n]
-
-
 def load_json(path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
-
-
-def read_or_compute(path, compute: Callable[[], Any], load: Callable[[Path], Any], save: Callable[[Path, Any], Any]):
-    """Load ``path`` if present, else ``compute()``, save atomically and return."""
-    path = Path(path)
-    if path.exists():
-        return load(path)
-    value = compute()
-    save(path, value)
-    return value

@@ -121,7 +121,7 @@ def _find_gguf(package: str, filename: str, version: str, cache_dir: Path) -> Pa
 
 def builtin_checkpoint(name: str, cache_dir: str | Path | None = None) -> Path:
     """Path of the cached safetensors checkpoint of a built-in model, creating it on first use."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     package, version, filename = BUILTIN_MODELS[name]
     root = Path(cache_dir or default_cache_dir())

@@ -84,8 +84,8 @@ class Trace(contextlib.AbstractContextManager):
 class TraceDict(OrderedDict, contextlib.AbstractContextManager):
     """Hook several modules; ``td[name]`` is that module's :class:`Trace`.
 
-    With ``stop=True`` the forward pass stops after the last listed module in execution order
-    (every listed module has run by then).
+    With ``stop=True`` the forward pass stops after the last listed module to finish (the last one in
+    execution order, or the outermost listed module containing it), so every listed module has run by then.
     """
 
     def __init__(
@@ -108,6 +108,10 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
         if missing:
             raise KeyError(f"modules not found in model: {missing}")
         last = max(layers, key=lambda n: order[n]) if layers else None
+        # a listed module that contains `last` finishes after it (hooks fire when a forward returns): stop there
+        enclosing = [n for n in layers if last is not None and last.startswith(n + ".")]
+        if enclosing:
+            last = min(enclosing, key=lambda n: order[n])
         for name in layers:
             self[name] = Trace(
                 model,
@@ -128,13 +132,3 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
         for t in reversed(list(self.values())):
             t.close()
 
-
-def run_until(model: nn.Module, stop_after: str | None, **inputs) -> Any:
-    """Run ``model(**inputs)``, stopping after module ``stop_after`` (None: full forward).
-
-    Returns the model output, or None if stopped early. Use inside a TraceDict to read values.
-    """
-    if stop_after is None:
-        return model(**inputs)
-    with Trace(model, stop_after, retain_output=False, stop=True):
-        return model(**inputs)

@@ -111,16 +111,6 @@ class EditRequest:
     def from_dict(cls, d: dict[str, Any]) -> "EditRequest":
         return cls(**d)
 
-    def to_reference(self) -> dict[str, Any]:
-        """The reference code's request dict (``prompt/subject/target_new{str}/target_true{str}``)."""
-        return {
-            "case_id": self.case_id,
-            "prompt": self.prompt,
-            "subject": self.subject,
-            "target_new": {"str": self.target_new, "id": self.target_new_id},
-            "target_true": {"str": self.target_true or "", "id": self.target_true_id},
-        }
-
 
 # --------------------------------------------------------------------------------------- validation
 def _fail(msg, ctx, fld):

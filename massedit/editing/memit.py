@@ -143,7 +143,7 @@ def apply_memit(model, tok, requests, hp: EditHparams, template_groups, C_by_lay
     bs = int(hp.batch_size) if hp.batch_size else max(1, len(requests))
     originals = {adapter.rewrite_weight_name(l): adapter.rewrite_weight(l).detach().clone() for l in layers}
     batches = [requests[s : s + bs] for s in range(0, len(requests), bs)]
-    inters, all_targets = [], []
+    inters = []
     try:
         for b, chunk in enumerate(batches):
             if len(batches) > 1:
@@ -151,7 +151,6 @@ def apply_memit(model, tok, requests, hp: EditHparams, template_groups, C_by_lay
             _, inter = apply_memit_batch(model, tok, chunk, hp, template_groups, C_by_layer, cache=cache,
                                          progress=progress, keep_intermediates=keep_intermediates)
             inters.append(inter)
-            all_targets += inter["requests"]
         with torch.no_grad():
             deltas = {n: (adapter.model.get_parameter(n).detach().float() - w.float()).cpu() for n, w in originals.items()}
         if len(batches) == 1:  # exact float32 cast of E_l A^T (W + Δ reproduces the edited weight)

@@ -25,7 +25,6 @@ from massedit.core.tokenization import encode, target_token_ids, uses_dummy_pref
 log = logging.getLogger(__name__)
 
 KINDS = ("rewrite", "paraphrase", "neighborhood")
-WHICH = ("new", "true")
 
 
 @dataclass

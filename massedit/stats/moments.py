@@ -25,12 +25,6 @@ from massedit.core.nethook import TraceDict
 log = logging.getLogger(__name__)
 
 
-def second_moment_sum(keys: torch.Tensor, acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``Σ_t k_t k_tᵀ = Kᵀ K`` for keys ``K`` of shape ``[N, m]``, computed in ``acc_dtype`` (§0.6)."""
-    k = keys.to(acc_dtype)
-    return k.T @ k
-
-
 def block_bounds(m: int, blocks: int) -> list[tuple[int, int]]:
     """Split ``range(m)`` into ``blocks`` contiguous column blocks ``[(start, end), ...]``."""
     blocks = max(1, min(int(blocks), m))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from massedit.core.guards import EditGuardConfig
@@ -43,7 +43,7 @@ from massedit.editing.hparams import HparamsError, MemitConfig, RomeConfig, read
 from massedit.editing.mend.config import MendConfig
 from massedit.evaluation.config import EvalConfig
 from massedit.stats.config import StatsConfig
-from massedit.tasks.runs import LoggerConfig
+from massedit.tasks.runs import LoggerConfig, as_dict, to_yaml  # noqa: F401  (as_dict/to_yaml: serialisation, defined in runs)
 from massedit.trainer import TrainerConfig, resolve_precision
 from massedit.core.errors import InputError
 
@@ -399,14 +399,3 @@ def to_object(cfg: DictConfig):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(str(e)) from None
-
-
-def as_dict(job) -> dict[str, Any]:
-    """The resolved job config as plain nested dicts (for config.yaml, W&B and cache keys)."""
-    if isinstance(job, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(job, resolve=True)
-    return OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
-
-
-def to_yaml(job) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(as_dict(job)))

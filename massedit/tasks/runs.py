@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 from massedit.core.io import atomic_write_json, atomic_write_text
 from massedit.core.errors import InputError
 
@@ -232,13 +234,25 @@ def make_logger(cfg: LoggerConfig, run_dir: Path, config_dict: dict[str, Any]):
                        config=config_dict, job_type=cfg.job_type)
 
 
+def as_dict(job) -> dict[str, Any]:
+    """The resolved job config as plain nested dicts (for config.yaml, W&B and cache keys).
+
+    Lives here, not in :mod:`massedit.tasks.config` (which re-exports it), so that ``config`` -> ``runs``
+    (for :class:`LoggerConfig`) is the only import between the two modules (no cycle)."""
+    if isinstance(job, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(job, resolve=True)
+    return OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
+
+
+def to_yaml(job) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(as_dict(job)))
+
+
 def setup_run(job, run_dir: str | Path | None = None) -> Run:
     """Create the run directory, write the resolved config, attach a log file, seed, build the logger.
 
     ``run_dir``: the directory :func:`check_run_dir` accepted (validation, before anything is written); without
     it the directory is resolved and checked here."""
-    from massedit.tasks.config import as_dict, to_yaml
-
     configure_logging(job.log_level)
     if run_dir is None:
         run_dir = resolve_run_dir(job)
@@ -284,10 +298,6 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(job, config_file: Path) -> list[str]:
     """Keys whose value differs between ``job`` and a run's ``config.yaml`` (bookkeeping keys ignored)."""
-    from omegaconf import OmegaConf
-
-    from massedit.tasks.config import as_dict
-
     try:
         old = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
     except Exception as e:

@@ -86,10 +86,6 @@ class EditBatch:
     def model_inputs(self) -> dict:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
-    @property
-    def n_label_tokens(self) -> int:
-        return int((self.labels[:, 1:] != -100).sum())
-
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)

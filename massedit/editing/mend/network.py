@@ -5,8 +5,8 @@ Everything here is plain torch; nothing knows about Lightning or about the langu
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -264,7 +264,3 @@ class MendNet(nn.Module):
 def to_param_layout(p: InnerParam, delta_out_in: torch.Tensor) -> torch.Tensor:
     """``[out, in]`` update in the weight's stored layout (transposed for Conv1D)."""
     return delta_out_in.T if p.conv1d else delta_out_in
-
-
-def parameters_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    return [p for m in modules for p in m.parameters()]

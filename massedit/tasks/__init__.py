@@ -1,0 +1,1 @@
+"""Jobs: edit, evaluate, train, stats, sweep (the layer above Lightning; below the CLI)."""
