@@ -5,7 +5,7 @@
     massedit train [group=option ...] [key=value ...]     FT-W fine-tuning or MEND hypernetwork training
     massedit eval  [group=option ...] [key=value ...]     evaluation only (= edit mode=eval), e.g. deltas=PATH
     massedit stats [group=option ...] [key=value ...]     precompute / import / export second-moment statistics
-    massedit sweep SWEEP.yaml [--out DIR] [--set k=v ...]  run a W&B sweep file offline
+    massedit sweep SWEEP.yaml [--out DIR] [--set k=v ...]  run a W&B sweep file offline (Optuna)
 
 Options of edit/train/eval/stats: ``--cfg`` prints the composed config and exits; ``--config-dir DIR`` adds a
 directory of config files in front of the package's (also ``MASSEDIT_CONFIG_DIR``). Exit codes: 0 ok, 2 bad input
@@ -30,7 +30,7 @@ USAGE = """usage: massedit {{edit,train,eval,stats}} [group=option ...] [key=val
   train   train FT-W on edit requests, or a MEND hypernetwork
   eval    evaluate only (the model as loaded, or before/after deltas=PATH)
   stats   precompute second-moment statistics (stats.layers=[...], stats.export_dir=DIR)
-  sweep   run a W&B sweep file offline (grid / random), resumable
+  sweep   run a W&B sweep file offline on Optuna (grid / random / bayes=TPE), resumable
 
 Config groups (configs/<group>/<option>.yaml): {groups}
 Examples:

@@ -113,7 +113,18 @@ def build_trainer(cfg: TrainerConfig | None = None, *, model_dtype: torch.dtype 
     kw.update(lightning_kwargs(cfg, model_dtype))
     kw.update(stage_kwargs)
     with quiet_lightning():
-        return pl.Trainer(logger=logger, callbacks=list(callbacks), **kw)
+        return pl.Trainer(logger=logger, callbacks=with_rich_progress(callbacks, kw["enable_progress_bar"]), **kw)
+
+
+def with_rich_progress(callbacks: Sequence[Any], enabled: bool) -> list[Any]:
+    """One progress library for every run: Lightning's stages get ``RichProgressBar`` (rich, like massedit's own
+    bars in :mod:`massedit.core.progress`) unless a progress bar callback is given."""
+    from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
+
+    callbacks = list(callbacks)
+    if enabled and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(RichProgressBar(leave=False))
+    return callbacks
 
 
 def place_model(model: torch.nn.Module, trainer) -> torch.device:

@@ -88,7 +88,7 @@ def test_missing_required_value_names_option():
 
 
 def test_hparams_auto_unknown_model_fails_before_loading():
-    with pytest.raises(ConfigError, match="no memit hparams for model"):
+    with pytest.raises(ConfigError, match="cannot read the model's config.json"):  # no weights touched
         compose("edit", ["model=hf", "model.name_or_path=/some/model"])
     for model in ("gpt2-xl", "gpt-j-6b", "gpt-neox-20b", "smollm2-135m"):
         for m in ("rome", "memit"):

@@ -1,4 +1,5 @@
-"""Offline W&B-sweep runner: parsing, grid/random expansion, commands, resume, summary and best trial."""
+"""Offline W&B-sweep runner on Optuna: parsing, grid/random/TPE sampling, commands, resume from the journal,
+summary and best trial."""
 from __future__ import annotations
 
 import json
@@ -10,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from massedit.tasks.sweep import (
-    STATE_FILE,
+    JOURNAL,
     SweepSpecError,
+    SweepStudy,
     build_command,
-    expand_grid,
-    expand_trials,
+    grid_points,
     load_sweep,
+    preview_trials,
     run_sweep,
-    sample_random,
     sweep_from_dict,
 )
 
@@ -48,11 +49,11 @@ def test_shipped_sweep_file_is_a_valid_wandb_grid_that_train_accepts():
     from massedit.tasks.config import compose
 
     spec = load_sweep(REPO / "configs/sweeps/ftw_weight_decay.yaml")
-    assert spec.method == "grid" and spec.metric == "score" and spec.goal == "maximize"
+    assert spec.method == "grid" and spec.metric == "eval/post/score" and spec.goal == "maximize"
     assert spec.program == "train.py" and "${args_no_hyphens}" in spec.command
     wds = spec.parameters["method.weight_decay"]["values"]
     assert 0 in wds and len(wds) >= 5 and max(wds) / min(w for w in wds if w > 0) >= 1e3
-    trials = expand_trials(spec)
+    trials = preview_trials(spec)
     assert len(trials) == len(wds)
     for t in trials:  # every trial's key=value arguments compose into a train config
         # the runner's own additions (run directory, W&B group and name) must compose too
@@ -66,7 +67,7 @@ def test_shipped_sweep_file_is_a_valid_wandb_grid_that_train_accepts():
 def test_grid_expansion_is_the_cartesian_product_in_file_order():
     spec = _spec(params={"a": {"values": [1, 2]}, "b": {"values": ["x", "y", "z"]}, "c": {"value": 0.5},
                          "nested": {"parameters": {"lr": {"values": [1e-3]}}}})
-    trials = expand_grid(spec.parameters)
+    trials = grid_points(spec)
     assert len(trials) == 6
     assert trials[0] == {"a": 1, "b": "x", "c": 0.5, "nested.lr": 1e-3}
     assert [(t["a"], t["b"]) for t in trials] == [(1, "x"), (1, "y"), (1, "z"), (2, "x"), (2, "y"), (2, "z")]
@@ -90,32 +91,34 @@ def test_yaml11_exponent_strings_become_numbers(tmp_path):
     assert load_sweep(f).parameters["method.weight_decay"]["values"] == [0, 1e-4, 1e-2]
 
 
-def test_random_search_distributions_and_determinism():
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_random_and_tpe_search_distributions_and_determinism(method):
     params = {"lr": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-1},
               "wd": {"distribution": "uniform", "min": 0.0, "max": 2.0},
               "layer": {"distribution": "int_uniform", "min": 3, "max": 7},
-              "loss": {"values": ["bag_last_position", "autoregressive"], "probabilities": [0.75, 0.25]},
+              "loss": {"values": ["bag_last_position", "autoregressive"]},
               "q": {"distribution": "q_uniform", "min": 0, "max": 10, "q": 2},
               "ln": {"distribution": "log_uniform", "min": 0.0, "max": 1.0},
+              "layers": {"values": [[4, 5], [6, 7, 8]]},
               "fixed": {"value": 7}}
-    spec = _spec(method="random", params=params, run_cap=200)
-    trials = expand_trials(spec, seed=3)
-    assert len(trials) == 200
+    spec = _spec(method=method, params=params, run_cap=60)
+    trials = preview_trials(spec, seed=3)
+    assert len(trials) == 60
     for t in trials:
         assert 1e-5 <= t["lr"] <= 1e-1 and 0 <= t["wd"] <= 2 and t["layer"] in range(3, 8)
         assert t["loss"] in ("bag_last_position", "autoregressive") and t["fixed"] == 7
-        assert t["q"] % 2 == 0 and 1 <= t["ln"] <= math.e
-    lrs = sorted(math.log10(t["lr"]) for t in trials)
-    assert lrs[20] < -4 and lrs[-20] > -2  # log-uniform: spread over the decades
-    assert 0.6 < sum(t["loss"] == "bag_last_position" for t in trials) / 200 < 0.9
-    assert sample_random(spec.parameters, 5, seed=3) == trials[:5]          # prefix-stable (resume)
-    assert sample_random(spec.parameters, 5, seed=4) != trials[:5]
+        assert t["q"] % 2 == 0 and 1 <= t["ln"] <= math.e and t["layers"] in ([4, 5], [6, 7, 8])
+    if method == "random":
+        lrs = sorted(math.log10(t["lr"]) for t in trials)
+        assert lrs[6] < -4 and lrs[-6] > -2  # log-uniform: spread over the decades
+    assert preview_trials(spec, seed=3) == trials and preview_trials(spec, seed=4) != trials
     with pytest.raises(SweepSpecError, match="run_cap"):
-        expand_trials(_spec(method="random", params=params))
+        preview_trials(_spec(method=method, params=params))
 
 
 @pytest.mark.parametrize("raw, msg", [
-    ({"method": "bayes"}, "bayes"),
+    ({"method": "hyperband"}, "hyperband"),
+    ({"method": "random", "parameters": {"x": {"distribution": "normal", "mu": 0, "sigma": 1}}}, "W&B server only"),
     ({"method": "grid", "parameters": {"x": {"distribution": "uniform", "min": 0, "max": 1}}}, "grid search"),
     ({"metric": {}}, "metric"),
     ({"command": None}, "args_no_hyphens"),
@@ -147,7 +150,7 @@ def test_runner_reports_best_trial_and_writes_summary(tmp_path):
 
     def trial(ctx):
         seen.append(ctx.trial["id"])
-        assert ctx.group == json.loads((tmp_path / STATE_FILE).read_text())["group"]
+        assert ctx.group.startswith("t-") and (tmp_path / JOURNAL).exists()
         return _fake_score(float(ctx.trial["params"]["method.weight_decay"]))
 
     summary = run_sweep(spec, tmp_path, trial, log_to_wandb=False, progress=False)
@@ -175,55 +178,76 @@ class _Crash(BaseException):
     pass
 
 
+def _wd(ctx):
+    return float(ctx.trial["params"]["method.weight_decay"])
+
+
 def test_resume_does_not_rerun_finished_trials(tmp_path):
+    """A runner killed mid-sweep: the Optuna journal keeps the finished trials; the next run does the rest (the
+    interrupted trial again), a third run has nothing left; another sweep in the same --out is refused."""
     spec = _spec()
     calls = []
 
     def crashing(ctx):
-        if ctx.trial["id"] == "t002":
+        if _wd(ctx) == 0.1:
             raise _Crash()  # the process dies mid-sweep (not an ordinary trial failure)
-        calls.append(ctx.trial["id"])
-        return _fake_score(float(ctx.trial["params"]["method.weight_decay"]))
+        calls.append(_wd(ctx))
+        return _fake_score(_wd(ctx))
 
     with pytest.raises(_Crash):
         run_sweep(spec, tmp_path, crashing, log_to_wandb=False, progress=False)
-    state = json.loads((tmp_path / STATE_FILE).read_text())
-    assert [t["status"] for t in state["trials"]] == ["finished", "finished", "running", "pending"]
+    assert (tmp_path / JOURNAL).exists()
+    states = [t.state.name for t in SweepStudy(spec, tmp_path, spec.fingerprint()).trials()]
+    assert states.count("COMPLETE") == 2 and "WAITING" in states
 
     resumed = []
 
     def ok(ctx):
-        resumed.append(ctx.trial["id"])
-        return _fake_score(float(ctx.trial["params"]["method.weight_decay"]))
+        resumed.append(_wd(ctx))
+        return _fake_score(_wd(ctx))
 
     summary = run_sweep(spec, tmp_path, ok, log_to_wandb=False, progress=False)
-    assert calls == ["t000", "t001"] and resumed == ["t002", "t003"]
-    assert summary["n_finished"] == 4
+    assert calls == [0.0, 0.01] and sorted(resumed) == [0.1, 1.0]
+    assert summary["n_finished"] == 4 and summary["n_failed"] == 0 and summary["n_trials"] == 4
     assert run_sweep(spec, tmp_path, ok, log_to_wandb=False, progress=False)["n_finished"] == 4
-    assert resumed == ["t002", "t003"]  # a third run has nothing left to do
+    assert len(resumed) == 2  # a third run has nothing left to do
     with pytest.raises(SweepSpecError, match="different sweep"):
         run_sweep(_spec(params={"method.weight_decay": {"values": [5.0]}}), tmp_path, ok, log_to_wandb=False)
+
+
+def test_a_killed_runner_leaves_a_running_trial_that_runs_again(tmp_path):
+    import optuna
+
+    spec = _spec()
+    st = SweepStudy(spec, tmp_path, spec.fingerprint())
+    assert st.prepare(None, False) == 4
+    t = st.study.ask()  # a trial some killed process had started (RUNNING in the journal)
+    st.study.trials  # noqa: B018
+    ran = []
+    s = run_sweep(spec, tmp_path, lambda c: ran.append(_wd(c)) or _fake_score(_wd(c)), log_to_wandb=False,
+                  progress=False)
+    assert sorted(ran) == [0.0, 0.01, 0.1, 1.0] and s["n_finished"] == 4
+    assert st.study.get_trials(deepcopy=False)[t.number].state == optuna.trial.TrialState.FAIL
 
 
 def test_failed_trials_are_recorded_and_retried_on_request(tmp_path):
     spec = _spec()
 
     def flaky(ctx):
-        if ctx.trial["id"] == "t001":
+        if _wd(ctx) == 0.01:
             raise RuntimeError("boom")
-        return _fake_score(float(ctx.trial["params"]["method.weight_decay"]))
+        return _fake_score(_wd(ctx))
 
     s = run_sweep(spec, tmp_path, flaky, log_to_wandb=False, progress=False)
     assert s["n_failed"] == 1 and s["n_finished"] == 3
-    state = json.loads((tmp_path / STATE_FILE).read_text())
-    assert "boom" in state["trials"][1]["error"]
+    assert "boom" in next(r["error"] for r in s["rows"] if r["status"] == "failed")
     again = []
-    s = run_sweep(spec, tmp_path, lambda ctx: again.append(ctx.trial["id"]) or _fake_score(1.0),
+    s = run_sweep(spec, tmp_path, lambda ctx: again.append(_wd(ctx)) or _fake_score(1.0),
                   log_to_wandb=False, progress=False)
     assert again == [] and s["n_failed"] == 1
-    s = run_sweep(spec, tmp_path, lambda ctx: again.append(ctx.trial["id"]) or _fake_score(1.0),
+    s = run_sweep(spec, tmp_path, lambda ctx: again.append(_wd(ctx)) or _fake_score(1.0),
                   retry_failed=True, log_to_wandb=False, progress=False)
-    assert again == ["t001"] and s["n_failed"] == 0
+    assert again == [0.01] and s["n_failed"] == 0 and s["n_trials"] == 4
 
 
 def test_random_sweep_grows_with_count_and_keeps_finished(tmp_path):
@@ -236,6 +260,14 @@ def test_random_sweep_grows_with_count_and_keeps_finished(tmp_path):
                   count=5, log_to_wandb=False, progress=False)
     assert len(first) == 3 and len(more) == 2 and s["n_finished"] == 5
     assert not any(m in first for m in more)
+
+
+def test_tpe_sweep_runs_and_resumes(tmp_path):
+    spec = _spec(method="bayes", params={"method.weight_decay": {"distribution": "log_uniform_values", "min": 1e-4,
+                                                                  "max": 1.0}}, run_cap=6)
+    run_sweep(spec, tmp_path, lambda c: _fake_score(_wd(c)), count=4, log_to_wandb=False, progress=False)
+    s = run_sweep(spec, tmp_path, lambda c: _fake_score(_wd(c)), log_to_wandb=False, progress=False)
+    assert s["n_finished"] == 6 and s["best"]["metric"] == max(r["metric"] for r in s["rows"])
 
 
 def test_subprocess_trial_runs_the_command_and_reads_results(tmp_path):
@@ -254,9 +286,10 @@ def test_subprocess_trial_runs_the_command_and_reads_results(tmp_path):
                             "command": ["${interpreter}", "${program}", "${args_no_hyphens}"]})
     s = run_sweep(spec, tmp_path / "out", devices=["0", "1"], log_to_wandb=False, progress=False)
     assert s["n_finished"] == 3 and s["best"]["wd"] == 3
-    state = json.loads((tmp_path / "out" / STATE_FILE).read_text())
-    assert all(t["result"]["group"] == state["group"] for t in state["trials"])
-    assert {t["device"] for t in state["trials"]} <= {"0", "1"}
+    st = SweepStudy(spec, tmp_path / "out", spec.fingerprint())
+    trials = st.study.get_trials()
+    assert all(t.user_attrs["result"]["group"] == st.group for t in trials)
+    assert {t.user_attrs["device"] for t in trials} <= {"0", "1"}
     assert (tmp_path / "out/trials/t000/command.txt").read_text().startswith(sys.executable)
 
 
@@ -272,3 +305,57 @@ def test_cli_dry_run_and_summary_logged_to_wandb_offline(tmp_path, monkeypatch, 
                         log_to_wandb=False, progress=False)
     assert log_summary_to_wandb(tmp_path, spec, summary, group="g") is True
     assert list(tmp_path.glob("wandb/offline-run-*"))
+
+
+@pytest.mark.slow
+def test_edit_py_is_a_sweep_program(tmp_path, monkeypatch):
+    """A grid over edit.py runs every trial through the real program (as the agent would) and reads its numbers
+    (MASSEDIT_TRIAL_RESULT); a tiny model saved as a Hugging Face directory keeps it short."""
+    import os
+
+    from massedit.testing import tiny_model
+
+    d = tmp_path / "tiny"
+    model, tok = tiny_model("gpt2")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("MASSEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    spec = sweep_from_dict({"name": "edit", "program": str(REPO / "edit.py"), "method": "grid",
+                            "metric": {"name": "eval/post/score", "goal": "maximize"},
+                            "parameters": {"model": {"value": "hf"}, "model.name_or_path": {"value": str(d)},
+                                           "method.v_lr": {"values": [0.5, 1.0]}, "data.num_edits": {"value": 2},
+                                           "stats.n_tokens": {"value": 2000}, "method.v_num_grad_steps": {"value": 4},
+                                           "eval.generation": {"value": False}, "logger": {"value": "csv"}},
+                            "command": ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]})
+    s = run_sweep(spec, tmp_path / "out", log_to_wandb=False, progress=False)
+    assert s["n_finished"] == 2 and s["n_failed"] == 0, [r.get("error") for r in s["rows"]]
+    assert all(r["efficacy_success"] is not None and r["metric"] == r["score"] for r in s["rows"])
+
+
+def test_summary_reads_massedit_results_with_cis_and_the_scaling_file(tmp_path):
+    """Trials report massedit's results.json layout (eval.{pre,post}.{metric,metric_ci}); the summary carries the CIs
+    and the plot is written; the shipped scaling sweep is a grid over data.num_edits that `edit` accepts."""
+    from massedit.tasks.config import compose
+
+    spec = _spec(params={"data.num_edits": {"values": [1, 4, 16]}}, metric={"name": "eval/post/score",
+                                                                           "goal": "maximize"})
+
+    def trial(ctx):
+        n = ctx.trial["params"]["data.num_edits"]
+        post = {"efficacy_success": 100.0 - n, "paraphrase_success": 90.0 - n, "neighborhood_success": 80.0,
+                "score": 85.0 - n}
+        return {"eval": {"pre": {"efficacy_success": 1.0, "score": 2.0},
+                         "post": {**post, **{f"{k}_ci": 10.0 / n for k in post}}}}
+
+    s = run_sweep(spec, tmp_path, trial, log_to_wandb=False, progress=False)
+    assert s["best"]["data.num_edits"] == 1 and s["best"]["metric"] == 84.0
+    row16 = next(r for r in s["rows"] if r["data.num_edits"] == 16)
+    assert row16["score"] == 69.0 and row16["score_ci"] == 10.0 / 16 and s["pre"]["efficacy_success"] == 1.0
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    scaling = load_sweep(REPO / "configs/sweeps/memit_num_edits_smollm2.yaml")
+    assert scaling.program == "edit.py" and scaling.metric == "eval/post/score"
+    for t in preview_trials(scaling):
+        cmd = build_command(scaling, t, extra_args=["output_dir=/tmp/x"])
+        assert compose("edit", cmd[cmd.index("edit.py") + 1:]).data.num_edits == t["data.num_edits"]

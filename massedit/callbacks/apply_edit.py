@@ -102,6 +102,8 @@ class ApplyEdit(pl.Callback):
         log.info("edited %d request(s) in %.1f s%s", len(self.requests), self.seconds,
                  f"; deltas saved to {self.saved_to}" if self.saved_to else "")
         self._done = True
+        if trainer.is_global_zero and getattr(trainer, "logger", None) is not None:
+            log_edit(trainer.logger, deltas, self.seconds, target_records(self.editor))
 
     def _end_hook(self, trainer, pl_module, *args, **kwargs):
         if self.revert_at_end and self._backup is not None:
@@ -109,3 +111,40 @@ class ApplyEdit(pl.Callback):
                 revert_deltas(self.language_model(pl_module), self._backup)
             self._backup = None
             self._done = False
+
+
+def target_records(editor) -> list[dict[str, Any]]:
+    """Per-request target optimisation (z of MEMIT, v* of ROME) of the editor's last edit: case id, Adam steps,
+    final loss, early stop, from the z cache. Empty for editors without one (FT, MEND)."""
+    inter = getattr(editor, "intermediates", None) or {}
+    reqs = [r for b in inter.get("batches", []) for r in b.get("requests", [])] if "batches" in inter \
+        else list(inter.get("requests", []))
+    out = []
+    for r in reqs:
+        trace = r.get("loss_trace")
+        final = r.get("final_loss")
+        if final is None and trace is not None and getattr(trace, "numel", lambda: 0)():
+            final = float(trace[-1, 1])
+        out.append({"case_id": str(r.get("case_id")), "layer": r.get("layer"), "steps": int(r.get("n_adam_steps", 0)),
+                    "final_loss": None if final is None else float(final), "early_stopped": bool(r.get("early_stopped")),
+                    "from_cache": bool(r.get("from_cache", False))})
+    return out
+
+
+def log_edit(logger, deltas: Mapping[str, torch.Tensor], seconds: float, targets: Sequence[dict]) -> None:
+    """Log an edit to a Lightning logger: ``edit/seconds``, ``edit/delta_norm`` (total) and
+    ``edit/delta_norm/<param>``, and per request ``edit/z_loss`` / ``edit/z_steps`` (step = request index); with
+    W&B also the ``edit/targets`` table. Never fails the edit."""
+    norms = {k: float(v.float().norm()) for k, v in deltas.items()}
+    metrics = {"edit/seconds": float(seconds), "edit/delta_norm": float(sum(v * v for v in norms.values()) ** 0.5),
+               **{f"edit/delta_norm/{k}": v for k, v in norms.items()}}
+    try:
+        logger.log_metrics(metrics)
+        for i, t in enumerate(targets):
+            if t["final_loss"] is not None:
+                logger.log_metrics({"edit/z_loss": t["final_loss"], "edit/z_steps": float(t["steps"])}, step=i)
+        if targets and hasattr(logger, "log_table") and type(logger).__name__ == "WandbLogger":
+            cols = list(targets[0])
+            logger.log_table("edit/targets", columns=cols, data=[[t[c] for c in cols] for t in targets])
+    except Exception as e:  # pragma: no cover - logger back-ends fail in many ways
+        log.warning("could not log the edit to %s: %s", type(logger).__name__, e)

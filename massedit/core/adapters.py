@@ -242,15 +242,24 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_adapter(model: nn.Module) -> ArchAdapter:
-    """The adapter for ``model``, chosen from its config class's ``model_type``."""
-    config = getattr(model, "config", None)
+def adapter_class(config, what: str = "") -> type[ArchAdapter]:
+    """The adapter class for a transformers model *config* (no weights needed), from its ``model_type``."""
     model_type = getattr(type(config), "model_type", None) or getattr(config, "model_type", None)
     cls = _REGISTRY.get(model_type)
     if cls is None:
         raise UnsupportedArchitectureError(
-            f"no architecture adapter for model_type={model_type!r} ({type(model).__name__}); "
+            f"no architecture adapter for model_type={model_type!r}{f' ({what})' if what else ''}; "
             f"supported: {', '.join(supported_model_types())}. Register one with "
             "massedit.core.adapters.register_adapter."
         )
-    return cls(model)
+    return cls
+
+
+def config_num_layers(config) -> int:
+    """The block count of a transformers model config (through its adapter's ``layers_attr``)."""
+    return int(getattr(config, adapter_class(config).layers_attr))
+
+
+def get_adapter(model: nn.Module) -> ArchAdapter:
+    """The adapter for ``model``, chosen from its config class's ``model_type``."""
+    return adapter_class(getattr(model, "config", None), type(model).__name__)(model)

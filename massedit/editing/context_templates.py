@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from massedit.core.io import atomic_write_json
+from massedit.core.progress import progress_bar
 from massedit.core.sampling import generate_fast_ids
 from massedit.core.errors import InputError
 
@@ -74,11 +75,15 @@ def sample_rome_templates(model, tok, length_params=((5, 10), (10, 10)), seed: i
             torch.manual_seed(seed)
         start = _seed_ids(tok, seed_text)
         texts = []
+        bar = progress_bar(len(length_params), "context templates", unit="set", transient=True)
         for length, n in length_params:
+            bar.update(0)
             for ids in generate_fast_ids(model, [start], pad_id=_pad_id(tok), n_gen_per_prompt=int(n),
                                          max_out_len=int(length)):
                 t = _clean(_decode(tok, ids, 0), _special_strings(tok))
                 texts.append((_sanitize(t) if sanitize_braces else t) + ". {}")
+            bar.update(1)
+        bar.close()
     return ["{}"] + texts
 
 
@@ -89,11 +94,14 @@ def sample_memit_templates(model, tok, prompts=("The", "Therefore", "Because", "
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
+        bar = progress_bar(len(length_params), "context templates", unit="set", transient=True)
         for length, n in length_params:
             prompt_ids = [tok(p)["input_ids"] for p in prompts]
             outs = generate_fast_ids(model, prompt_ids, pad_id=_pad_id(tok),
                                      n_gen_per_prompt=max(1, int(n) // len(prompts)), max_out_len=int(length))
             groups.append([_sanitize(_clean(tok.decode(ids), _special_strings(tok))) + ". {}" for ids in outs])
+            bar.update(1)
+        bar.close()
     return groups
 
 

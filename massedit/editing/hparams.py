@@ -212,3 +212,37 @@ def load_hparams_file(path: str | Path) -> EditHparams:
     """:class:`EditHparams` of a reference hparams JSON or a massedit YAML file (see :func:`read_hparams_file`)."""
     hp, _ = read_hparams_file(path)
     return hparams_from_dict(hp, source=str(path))
+
+
+# ------------------------------------------------------------------------------------------ unknown models
+# The paper's GPT-J-6B values (28 layers), the reference hparams/{ROME,MEMIT}/EleutherAI_gpt-j-6B.json; for a model
+# without an hparams file the edited layers keep GPT-J's *relative depth* (MEMIT 3..8 of 28, ROME 5 of 28) and the
+# loss is read at the last block.
+PAPER_VALUES = {
+    "memit": {"fact_token": "subject_last", "v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 0.5,
+              "clamp_norm_factor": 0.75, "kl_factor": 0.0625, "mom2_adjustment": True, "mom2_update_weight": 15000.0},
+    "rome": {"fact_token": "subject_last", "v_num_grad_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
+             "clamp_norm_factor": 4.0, "kl_factor": 0.0625, "mom2_adjustment": True,
+             "context_template_length_params": [[5, 10], [10, 10]]},
+}
+PAPER_DEPTH = {"memit": (3, 8, 28), "rome": (5, 5, 28)}  # first layer, last layer, of the paper model's layers
+
+
+def layers_by_relative_depth(method: str, num_layers: int) -> list[int]:
+    """The paper model's edited layers mapped to a model of ``num_layers`` blocks at the same relative depth
+    (MEMIT: GPT-J's 3..8 of 28 -> 3..9 of 30; ROME: 5 of 28 -> 5 of 30); at least one layer, all inside the model."""
+    first, last, n = PAPER_DEPTH[method]
+    if num_layers < 1:
+        raise HparamsError(f"a model with {num_layers} layers cannot be edited")
+    lo = min(num_layers - 1, int(round(first * num_layers / n)))
+    hi = min(num_layers - 1, max(lo, int(round(last * num_layers / n))))
+    return list(range(lo, hi + 1))
+
+
+def hparams_for_depth(method: str, num_layers: int) -> dict[str, Any]:
+    """ROME/MEMIT hyper-parameters for a model without an hparams file: layers by relative depth
+    (:func:`layers_by_relative_depth`), the loss at the last block, the paper's GPT-J values for the rest."""
+    if method not in PAPER_VALUES:
+        raise HparamsError(f"no paper values for method {method!r}; choose one of {sorted(PAPER_VALUES)}")
+    return {"layers": layers_by_relative_depth(method, num_layers), "v_loss_layer": int(num_layers) - 1,
+            **PAPER_VALUES[method]}

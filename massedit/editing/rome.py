@@ -106,13 +106,11 @@ def apply_rome(model, tok, requests, hp: EditHparams, templates: Sequence[str], 
                                  hint="C is singular or corrupt: check the statistics") for l in layers}
     inters: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []
-    it = requests
-    if progress and len(requests) > 1:
-        from tqdm.auto import tqdm
+    from massedit.core.progress import progress_bar
 
-        it = tqdm(requests, desc="rome", unit="req")
+    bar = progress_bar(len(requests), "rome", unit="req", enabled=progress and len(requests) > 1)
     try:
-        for req in it:
+        for req in requests:
             layer_updates = []
             for l in layers:  # several layers: ascending, each on the model carrying the previous layer's update
                 upd, inter = rome_request_update(model, tok, req, l, hp, templates, C_inv.get(l), adapter)
@@ -124,11 +122,13 @@ def apply_rome(model, tok, requests, hp: EditHparams, templates: Sequence[str], 
                     for l in layers:
                         adapter.rewrite_weight(l).copy_(originals[l])
                 pending.extend(layer_updates)
+            bar.update(1)
         if not hp.rome_sequential:
             for l, upd in pending:
                 _add_to_weight(adapter, l, upd)
         deltas = {names[l]: (adapter.rewrite_weight(l).detach().float() - originals[l].float()).cpu() for l in layers}
     finally:
+        bar.close()
         with torch.no_grad():
             for l in layers:
                 adapter.rewrite_weight(l).copy_(originals[l])

@@ -392,8 +392,8 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
                 still.append(i)
                 stepping.append(j)
         done_now = len(active) - len(still)
-        if pbar is not None and done_now:
-            pbar.update(done_now)
+        if pbar is not None:  # per step: requests done, mean loss of the active ones
+            pbar.update(done_now, step=f"{it + 1}/{hp.v_num_grad_steps}", loss=sum(lv) / len(lv))
         if stepping:
             total = loss[torch.tensor(stepping, device=loss.device)].sum()
             for i in still:
@@ -439,9 +439,9 @@ def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_
     results: list[TargetResult | None] = [None] * n
     pbar = None
     if progress and n:
-        from tqdm.auto import tqdm
+        from massedit.core.progress import progress_bar
 
-        pbar = tqdm(total=n, desc=desc, unit="req", leave=False)
+        pbar = progress_bar(n, desc, unit="req", transient=True)
     was_training = model.training
     model.eval()
     try:

@@ -54,7 +54,8 @@ class FTWModule(pl.LightningModule):
         loss = ft_loss(self.model, batch, self.cfg.loss)
         bs = int(batch["input_ids"].shape[0])
         self._epoch_losses.append(loss.detach())
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        # one name per number: the step loss here, the epoch mean as train/epoch_loss (no _step/_epoch copies)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"FT loss is {loss.item()} at batch {batch_idx}; lower method.lr or use fp32")
         if loss.item() < float(self.cfg.skip_loss_below or 0.0):

@@ -150,3 +150,12 @@ class MendModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["mend_describe"] = self.net.describe()
         checkpoint["mend_history"] = self.history
+        checkpoint["mend_progress"] = {"iters": self.iters, "batches": self._batches, "skipped": self.skipped}
+
+    def on_load_checkpoint(self, checkpoint):
+        """Resume (``trainer.fit(ckpt_path=...)``): the history and counters continue where the checkpoint was."""
+        self.history = list(checkpoint.get("mend_history", []))
+        prog = checkpoint.get("mend_progress", {})
+        self.iters = int(prog.get("iters", 0))
+        self._batches = int(prog.get("batches", 0))
+        self.skipped = int(prog.get("skipped", 0))

@@ -310,6 +310,9 @@ def collect_layer_stats(
                         interrupt_after=_interrupt_after)
     log.info("collecting second moments of %s over %d tokens (%d documents, %d batches, max_length %d, %s sums, %d rank(s))",
              modules, tb.n_tokens, tb.n_docs, len(tb.batches), max_length, s.acc_dtype_name, world)
+    log.warning("first-time statistics for %s: %d layer(s) x %s tokens of %s (one pass, ETA shown once it is measured); "
+                "%s", name, len(modules), f"{tb.n_tokens:,}", corpus.ds_name,
+                f"cached in {cache_dir} for every later run" if s.cache else "not cached (stats.cache=false)")
     try:
         engine(model, job)
         for layer in missing:

@@ -37,6 +37,8 @@ class StatsConfig(CorpusSpec):
     cache_dir: str | None = None
     reference_dir: str | None = None
     reference_missing: str = "compute"
+    artifact: str | None = None       # W&B artifact of an earlier run's statistics (entity/project/name:version),
+    #                                   downloaded into the cache first (needs W&B access); edit runs upload theirs
     checkpoint_every: int = 50
     checkpoint_seconds: float = 300.0
     # `massedit stats` only

@@ -138,22 +138,38 @@ class CheckpointPolicy:
 
 
 class Progress:
-    """tqdm progress bar in tokens (shows tokens/s and ETA); a no-op when disabled."""
+    """Progress bar in tokens (rich; elapsed and remaining time; the rate and ETA are also logged once); a no-op
+    when disabled."""
 
     def __init__(self, total_tokens: int, enabled: bool = True, desc: str = "C = E[kkᵀ]", initial: int = 0):
         self.bar = None
         self.t0 = time.time()
         self.done = 0
+        self.total, self.initial, self.eta_announced = int(total_tokens or 0), int(initial or 0), not enabled
         if enabled:
-            from tqdm.auto import tqdm
+            from massedit.core.progress import progress_bar
 
-            self.bar = tqdm(total=total_tokens, initial=initial, unit="tok", unit_scale=True, desc=desc,
-                            dynamic_ncols=True, smoothing=0.1)
+            self.bar = progress_bar(total_tokens, desc, unit="tok", initial=initial)
+
+    ETA_AFTER_S = 3.0   # announce the measured rate and the remaining time once, after this many seconds
 
     def update(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
+        self._announce_eta()
+
+    def _announce_eta(self) -> None:
+        elapsed = time.time() - self.t0
+        if self.eta_announced or elapsed < self.ETA_AFTER_S or not self.done or not self.total:
+            return
+        self.eta_announced = True
+        rate = self.done / elapsed
+        left = max(0, self.total - self.initial - self.done)
+        import logging
+
+        logging.getLogger("massedit.stats").info("statistics: %.0f tokens/s, ETA %.0f s for the remaining %d tokens",
+                                                 rate, left / max(rate, 1e-9), left)
 
     def close(self) -> float:
         if self.bar is not None:

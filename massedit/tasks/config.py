@@ -128,7 +128,7 @@ class EvalJobConfig(JobConfig):
 class TrainJobConfig(JobConfig):
     """``massedit train`` / ``train.py``: FT-W fine-tuning or MEND hypernetwork training."""
 
-    ckpt_path: str | None = None       # MEND: resume training from this Lightning checkpoint ("last" = the run's last)
+    ckpt_path: str | None = None       # MEND: resume from a .ckpt, a run dir, or "last" (output_dir/checkpoints/last.ckpt)
 
 
 JOB_SCHEMAS: dict[str, type] = {"edit": EditJobConfig, "eval": EvalJobConfig, "train": TrainJobConfig}
@@ -265,6 +265,54 @@ def resolve_hparams_path(spec: str, method: str, model_name: str, dirs: Sequence
     raise ConfigError(f"method.hparams={spec!r}: not a file and not one of {available_hparams(method, dirs)}")
 
 
+def has_hparams_file(method: str, model_name: str, dirs: Sequence[Path]) -> bool:
+    name = str(model_name).rstrip("/").split("/")[-1].lower()
+    return find_config_file(f"hparams/{method}/{name}.yaml", dirs) is not None
+
+
+def read_model_config(model_cfg) -> Any:
+    """The transformers config of ``model.name_or_path`` (``config.json`` only, no weights); ConfigError if unreadable."""
+    from transformers import AutoConfig
+
+    from massedit.core.models import BUILTIN_MODELS, resolve_model_path
+
+    if isinstance(model_cfg, DictConfig) and OmegaConf.is_missing(model_cfg, "name_or_path"):
+        raise ConfigError("model.name_or_path is not set; pass model.name_or_path=NAME_OR_PATH")
+    name = str(model_cfg.name_or_path)
+    path = resolve_model_path(model_cfg) if name in BUILTIN_MODELS else name
+    kwargs = {"revision": str(model_cfg.revision)} if model_cfg.get("revision") else {}
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model.name_or_path={name!r}: cannot read the model's config.json ({str(e).splitlines()[0]}); "
+                          f"give a local model directory or a hub id (hub access needed), or a built-in model") from None
+
+
+def architecture_hparams(method: str, model_cfg, hf_config: Any = None) -> tuple[dict, dict, str]:
+    """``(hparams, stats values, description)`` for a model without ``hparams/<method>/<name>.yaml``: the layers at
+    the paper model's relative depth and its other values (:func:`massedit.editing.hparams.hparams_for_depth`),
+    from the architecture adapter of the model's config (read without weights). Says what it chose (log) and
+    raises :class:`ConfigError` when the architecture has no adapter or the config cannot be read."""
+    import logging
+
+    from massedit.core.adapters import UnsupportedArchitectureError, adapter_class
+    from massedit.editing.hparams import hparams_for_depth
+
+    config = hf_config if hf_config is not None else read_model_config(model_cfg)
+    try:
+        cls = adapter_class(config, f"model {model_cfg.name_or_path}")
+    except UnsupportedArchitectureError as e:
+        raise ConfigError(f"no {method} hparams file for model {model_cfg.name!r} and {e}") from None
+    n = int(getattr(config, cls.layers_attr))
+    hp = hparams_for_depth(method, n)
+    desc = (f"architecture:{cls.family} ({n} layers): layers {hp['layers']} at the paper's relative depth, "
+            f"v_loss_layer {hp['v_loss_layer']}, the paper's GPT-J values for the rest")
+    logging.getLogger("massedit").warning(
+        "no hparams/%s/%s.yaml: %s %s (override with method.layers=[...] etc., or method.hparams=FILE)",
+        method, str(model_cfg.name).lower(), method, desc)
+    return hp, {}, desc
+
+
 def available_hparams(method: str, dirs: Sequence[Path]) -> list[str]:
     return sorted({p.stem for d in dirs for p in (d / "hparams" / method).glob("*.yaml")})
 
@@ -334,8 +382,11 @@ def _assemble(entry: str, root: DictConfig, choice: dict[str, str | None], dirs:
     return cfg
 
 
-def compose_dictconfig(entry: str, overrides: Sequence[str] = (), config_dir: Sequence[str | Path] = ()) -> DictConfig:
-    """The composed, type-checked (not yet range-validated) config of ``entry`` as a DictConfig."""
+def compose_dictconfig(entry: str, overrides: Sequence[str] = (), config_dir: Sequence[str | Path] = (), *,
+                       hf_config: Any = None) -> DictConfig:
+    """The composed, type-checked (not yet range-validated) config of ``entry`` as a DictConfig. ``hf_config``: the
+    transformers config of an already loaded model (for :func:`architecture_hparams`; else read from the model's
+    ``config.json``)."""
     if entry not in JOB_SCHEMAS:
         raise ConfigError(f"unknown job {entry!r}; choose one of {sorted(JOB_SCHEMAS)}")
     dirs = config_dirs(config_dir)
@@ -361,24 +412,29 @@ def compose_dictconfig(entry: str, overrides: Sequence[str] = (), config_dir: Se
     cfg = _assemble(entry, root, choice, dirs, None, None, pairs)
     method = cfg.get("method")
     if isinstance(method, DictConfig) and "hparams" in method:
+        source = None
         try:
-            path = resolve_hparams_path(method.hparams, str(method.name), str(cfg.model.name), dirs)
-            hp, stats_patch = read_hparams_file(path)
+            if method.hparams in (None, "", "auto") and not has_hparams_file(str(method.name), str(cfg.model.name), dirs):
+                hp, stats_patch, source = architecture_hparams(str(method.name), cfg.model, hf_config)
+            else:
+                path = resolve_hparams_path(method.hparams, str(method.name), str(cfg.model.name), dirs)
+                hp, stats_patch = read_hparams_file(path)
+                source = str(path)
         except HparamsError as e:
             raise ConfigError(str(e)) from None
         # the file's values under the command line: rebuild with the file, then the overrides again
         cfg = _assemble(entry, root, choice, dirs, hp, stats_patch, pairs)
-        with_flag = OmegaConf.create({"hparams_file": str(path)})
+        with_flag = OmegaConf.create({"hparams_file": source})
         cfg.choices = OmegaConf.merge(cfg.choices, with_flag)
     cfg.choices = OmegaConf.merge(cfg.choices, {g: o for g, o in choice.items()})
     cfg.overrides = list(overrides)
     return cfg
 
 
-def compose(entry: str, overrides: Sequence[str] = (), config_dir: Sequence[str | Path] = ()):
+def compose(entry: str, overrides: Sequence[str] = (), config_dir: Sequence[str | Path] = (), *, hf_config: Any = None):
     """The typed, validated job config of ``entry`` (``edit`` -> :class:`EditJobConfig`, ``train`` ->
     :class:`TrainJobConfig`). Raises :class:`ConfigError` naming the key for any problem."""
-    cfg = compose_dictconfig(entry, overrides, config_dir)
+    cfg = compose_dictconfig(entry, overrides, config_dir, hf_config=hf_config)
     return to_object(cfg)
 
 

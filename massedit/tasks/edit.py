@@ -25,7 +25,7 @@ from massedit.core.models import load_model_and_tokenizer
 from massedit.editing.context_templates import save_context_templates
 from massedit.editing.editor import RomeMemitEditor, SavedDeltasEditor
 from massedit.lightning_modules.stats import LightningStatsEngine
-from massedit.tasks.evaluate import (eval_job, evaluation_components, evaluation_stage, load_cached_result,
+from massedit.tasks.evaluate import (eval_job, eval_results, evaluation_components, evaluation_stage, load_cached_result,
                                      pre_eval_cache_path, report, save_cached_result)
 from massedit.tasks.methods import build_editor, stats_provider
 from massedit.tasks.runs import setup_run
@@ -70,10 +70,11 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
 
     deltas_file = getattr(job, "deltas", None)
     if deltas_file:
-        editor = SavedDeltasEditor(deltas_file)
+        editor, provider = SavedDeltasEditor(deltas_file), None
         log.info("re-applying saved deltas from %s", deltas_file)
     else:
-        editor = build_editor(job, stats=stats_provider(job, LightningStatsEngine(trainer)), logger=run.logger)
+        provider = stats_provider(job, LightningStatsEngine(trainer))
+        editor = build_editor(job, stats=provider, logger=run.logger)
     if isinstance(editor, RomeMemitEditor):
         editor.prefetch_stats(model, tok)  # Trainer.predict now: it cannot run inside the test stage below
     save_path = run.dir / "deltas.safetensors" if job.save_deltas else None
@@ -95,6 +96,7 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
         results["post"] = post.summary
         results["pre"] = pre.summary if pre is not None else None
         results.update({k: post.summary.get(k) for k in SUMMARY_KEYS if k in post.summary})
+    results["eval"] = eval_results(pre, post)
     if trainer.is_global_zero:
         if editor.info:
             run.save_json(f"{job.method.name}_info.json", editor.info)
@@ -102,11 +104,69 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
         if templates is not None:
             save_context_templates(run.dir / "context_templates.json", templates)
         if post is not None or pre is not None:
-            results["table"] = report(run, pre, post, title=f"{job.method.name} on {job.model.name}")
+            results["table"] = report(run, pre, post, title=f"{job.method.name} on {job.model.name}", requests=requests)
+        hf_dir = getattr(getattr(job, "export", None), "hf_dir", None)
+        if hf_dir and apply.deltas is not None:
+            results["export"] = str(export_edited_model(job, model, tok, requests, apply.deltas, editor.info))
         run.save_json("results.json", {k: v for k, v in results.items() if k != "table"})
         trial_file = os.environ.get("MASSEDIT_TRIAL_RESULT")  # the offline sweep runner reads a trial's numbers here
         if trial_file:
             atomic_write_json(trial_file, {**{k: v for k, v in results.items() if k != "table"}, "run_dir": str(run.dir)})
-        run.log_summary({"edit_seconds": edit_s, **{k: v for k, v in results.items()
-                                                    if k in SUMMARY_KEYS and v is not None}})
+        run.log_summary({"edit/seconds": edit_s})
+        log_edit_artifacts(job, run, apply, provider)
     return results
+
+
+def export_edited_model(job, model, tok, requests, deltas, info) -> "os.PathLike":
+    """``export.hf_dir``: the model as edited now (deltas applied) as a Hugging Face checkpoint + ``edits.json``."""
+    from massedit.tasks.config import as_dict
+    from massedit.tasks.export import base_model_info, edit_manifest, export_hf
+
+    manifest = edit_manifest(requests=requests, method=job.method.name, hparams=as_dict(job)["method"], deltas=deltas,
+                             base_model=base_model_info(model, job.model.name_or_path, job.model.revision), info=info)
+    path = export_hf(model, tok, job.export.hf_dir, manifest)
+    print(f"Edited model exported to {path} (transformers.AutoModelForCausalLM.from_pretrained)")
+    return path
+
+
+def log_edit_artifacts(job, run, apply, provider) -> None:
+    """W&B artifacts of an edit run: the deltas and the second-moment statistics it used (reusable by another run
+    with ``stats.artifact=entity/project/NAME:VERSION``)."""
+    if apply.saved_to is not None:
+        run.log_artifact(f"deltas-{run.dir.name}", "deltas", {"deltas.safetensors": apply.saved_to},
+                         metadata={"method": job.method.name, "model": job.model.name_or_path,
+                                   "num_requests": len(apply.requests), "delta_norms": delta_norms(apply.deltas)})
+    used = getattr(provider, "used", None)
+    if used:
+        files, meta = stats_artifact_files(used, job.stats)
+        if files:
+            run.log_artifact(stats_artifact_name(job), "statistics", files, metadata=meta)
+
+
+def stats_artifact_name(job) -> str:
+    s = job.stats
+    corpus = s.corpus if isinstance(s.corpus, str) else "+".join(s.corpus)
+    size = f"{s.n_tokens}tok" if s.n_tokens else f"{s.n_samples}docs"
+    return f"stats-{job.model.name}-{corpus.split('/')[-1].replace(':', '-')}-{size}"
+
+
+def stats_artifact_files(used, stats_cfg) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The cached statistics files of ``used`` (``{layer: LayerStats}``), named by their path below the stats cache
+    directory (a download into another cache directory is then a cache hit)."""
+    from pathlib import Path
+
+    from massedit.tasks.methods import stats_cache_root
+
+    root = stats_cache_root(stats_cfg)
+    files, meta = {}, {"layers": {}}
+    for layer, st in sorted(used.items()):
+        if st.path is None or st.source == "reference":
+            continue
+        p = Path(st.path)
+        try:
+            name = str(p.resolve().relative_to(root.resolve()))
+        except ValueError:
+            name = p.name
+        files[name] = p
+        meta["layers"][str(layer)] = {"module": st.module, "count": st.count, "key": st.key}
+    return files, meta

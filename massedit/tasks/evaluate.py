@@ -120,11 +120,24 @@ def save_cached_result(path: Path, res: EvalResult) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ reports
-def report(run, pre: EvalResult | None, post: EvalResult | None, title: str) -> str:
-    """Write the report files to the run directory, print the table and log the numbers (call on rank 0)."""
+def report(run, pre: EvalResult | None, post: EvalResult | None, title: str, requests=None) -> str:
+    """Write the report files to the run directory, print the table and log the numbers, the per-case table
+    (with the requests' text) and the report files as an artifact (call on rank 0)."""
     md = write_report(pre, post, run.dir, title=title)
-    run.log_evaluation(pre, post, summary_dict(pre, post))
+    run.log_evaluation(pre, post, summary_dict(pre, post), requests=requests)
+    run.log_artifact(f"report-{run.dir.name}", "report",
+                     {n: run.dir / n for n in ("summary.md", "summary.json", "per_case.jsonl")})
     return md
+
+
+def eval_results(pre: EvalResult | None, post: EvalResult | None) -> dict[str, dict[str, float | None]]:
+    """``{"pre": {metric: v, metric_ci: ci}, "post": {...}}``: ``results.json``'s copy of the logged
+    ``eval/{stage}/{metric}`` numbers (a sweep's ``metric.name: eval/post/score`` reads ``eval.post.score``)."""
+    out = {}
+    for stage, res in (("pre", pre), ("post", post)):
+        if res is not None:
+            out[stage] = {**res.summary, **{f"{k}_ci": v for k, v in res.ci.items()}}
+    return out
 
 
 def eval_job(job, run, trainer, model, tok, requests) -> dict[str, Any]:
@@ -147,5 +160,5 @@ def eval_job(job, run, trainer, model, tok, requests) -> dict[str, Any]:
         pre = evaluation_stage(trainer, module, dm, "pre")
     title = f"{job.model.name} on {Path(str(job.data.path)).name} ({len(requests)} records)" + (
         f", deltas {Path(str(job.deltas)).name}" if job.deltas else "")
-    table = report(run, pre, post, title) if trainer.is_global_zero else None
+    table = report(run, pre, post, title, requests) if trainer.is_global_zero else None
     return {"pre": pre, "post": post, "table": table}

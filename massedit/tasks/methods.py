@@ -18,7 +18,7 @@ from massedit.editing.mend.editor import MendEditor
 from massedit.editing.rome import RomeEditor
 from massedit.editing.target_cache import TargetCache
 from massedit.lightning_modules.ftw import FTEditor
-from massedit.stats.collect import CollectionEngine, get_second_moments
+from massedit.stats.collect import CollectionEngine, collect_layer_stats
 from massedit.core.errors import InputError
 
 EDITORS = ("rome", "memit", "ft", "ftl", "ftw", "mend")
@@ -34,10 +34,42 @@ def stats_provider(job, engine: CollectionEngine | None = None) -> StatsProvider
     the job's Trainer, or plain torch when ``None``)."""
 
     def provide(model, tok, layers):
-        return get_second_moments(model, tok, list(layers), job.stats, model_name=job.model.name_or_path,
-                                  engine=engine)
+        if getattr(job.stats, "artifact", None) and not provide.fetched:
+            fetch_stats_artifact(job.stats)
+            provide.fetched = True
+        stats = collect_layer_stats(model, tok, list(layers), job.stats, model_name=job.model.name_or_path,
+                                    engine=engine)
+        provide.used.update(stats)
+        return {layer: st.C.cpu() for layer, st in stats.items()}
 
+    provide.used = {}      # {layer: LayerStats} of every layer handed out (for the statistics artifact)
+    provide.fetched = False
     return provide
+
+
+def stats_cache_root(stats_cfg) -> Path:
+    from massedit.stats.cache import default_stats_cache_dir
+
+    return Path(stats_cfg.cache_dir).expanduser() if stats_cfg.cache_dir else default_stats_cache_dir()
+
+
+def fetch_stats_artifact(stats_cfg) -> Path:
+    """``stats.artifact=entity/project/name:version``: download a statistics artifact of an earlier run into the
+    statistics cache (its files keep their cache paths, so the collection below is a cache hit)."""
+    root = stats_cache_root(stats_cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    return _download_artifact(str(stats_cfg.artifact), root)
+
+
+def _download_artifact(ref: str, root: Path) -> Path:
+    import wandb
+
+    try:
+        art = wandb.run.use_artifact(ref) if wandb.run is not None else wandb.Api().artifact(ref)
+        return Path(art.download(root=str(root)))
+    except Exception as e:
+        raise InputError(f"stats.artifact={ref!r}: cannot download it from W&B ({type(e).__name__}: {e}); "
+                         f"needs an API key and network access, or drop stats.artifact") from None
 
 
 def target_cache(method_cfg) -> TargetCache | None:

@@ -23,6 +23,11 @@ from massedit.core.errors import InputError
 log = logging.getLogger("massedit")
 
 
+LOGGER_KINDS = ("wandb", "csv", "tensorboard", "mlflow", "none")
+# optional extras of the Lightning loggers: logger.kind -> (module, pip extra)
+LOGGER_EXTRAS = {"tensorboard": ("tensorboard", "massedit[tensorboard]"), "mlflow": ("mlflow", "massedit[mlflow]")}
+
+
 class LoggerConfigError(InputError):
     """A ``logger.*`` value that cannot work (named in the message)."""
 
@@ -31,7 +36,7 @@ class LoggerConfigError(InputError):
 class LoggerConfig:
     """``logger`` config group: where the run's metrics go (W&B through Lightning's WandbLogger, CSV, or nowhere)."""
 
-    kind: str = "wandb"          # wandb | csv | none
+    kind: str = "wandb"          # wandb | csv | tensorboard | mlflow | none (tensorboard/mlflow: optional extras)
     mode: str = "auto"           # W&B: auto (online with an API key, else offline) | online | offline | disabled
     project: str = "massedit"
     entity: str | None = None
@@ -39,10 +44,13 @@ class LoggerConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     job_type: str | None = None
+    log_model: bool = True       # W&B: upload Lightning checkpoints (MEND training) as `model` artifacts at the end
+    artifacts: bool = True       # W&B: upload deltas, statistics, MEND editor and the report as artifacts
+    tracking_uri: str | None = None  # MLflow: tracking server / store (default: sqlite:///<run dir>/mlflow.db)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("wandb", "csv", "none"):
-            raise LoggerConfigError(f"logger.kind={self.kind!r}: choose wandb, csv or none")
+        if self.kind not in LOGGER_KINDS:
+            raise LoggerConfigError(f"logger.kind={self.kind!r}: choose one of {', '.join(LOGGER_KINDS)}")
         if self.mode not in ("auto", "online", "offline", "disabled"):
             raise LoggerConfigError(f"logger.mode={self.mode!r}: choose auto, online, offline or disabled")
 
@@ -122,37 +130,56 @@ class Run:
             return exp if hasattr(exp, "summary") else None
         return None
 
-    def log_evaluation(self, pre, post, summary: dict[str, Any]) -> None:
-        """W&B: run summary ``eval/{stage}/{metric}`` and a per-case ``wandb.Table``; other Lightning loggers (CSV,
-        ...): ``log_metrics`` of the same numbers. A logging failure never loses the written report."""
-        flat = {}
-        for name, d in summary["metrics"].items():
-            for stage in ("pre", "post"):
-                if d[stage] is not None:
-                    flat[f"eval/{stage}/{name}"] = float(d[stage])
-                if d["ci"][stage] is not None:
-                    flat[f"eval/{stage}/{name}_ci"] = float(d["ci"][stage])
+    def log_evaluation(self, pre, post, summary: dict[str, Any], requests=None) -> None:
+        """W&B: run summary ``eval/{stage}/{metric}`` (+ ``_ci``) and the per-case ``eval/per_case`` table (case id,
+        subject, prompt, targets, then every metric before and after); other Lightning loggers (CSV, TensorBoard,
+        MLflow): ``log_metrics`` of the same numbers. A logging failure never loses the written report."""
+        if not getattr(self, "is_main", True):  # several ranks: rank 0 logs
+            return
+        flat = evaluation_metrics(summary)
         try:
             exp = self._wandb_experiment()
             if exp is not None:
                 import wandb
 
+                columns, rows = per_case_rows(pre, post, requests)
                 for k, v in flat.items():
                     exp.summary[k] = v
-                names = [n for n in (post or pre).summary if n != "score"]
-                table = wandb.Table(columns=["case_id", "stage"] + names)
-                for stage, res in (("pre", pre), ("post", post)):
-                    if res is None:
-                        continue
-                    for c in res.per_case:
-                        table.add_data(str(c["case_id"]), stage, *[c.get(n) for n in names])
-                exp.log({"eval/per_case": table, **flat})
+                exp.log({"eval/per_case": wandb.Table(columns=columns, data=rows), **flat})
             elif self.logger is not None:
                 self.logger.log_metrics(flat)
                 if hasattr(self.logger, "save"):
                     self.logger.save()
         except Exception as e:  # pragma: no cover - logger back-ends fail in many ways
             log.warning("could not log the evaluation to %s: %s", type(self.logger).__name__, e)
+
+    def log_artifact(self, name: str, kind: str, files: dict[str, Any] | list, metadata: dict | None = None,
+                     aliases: list[str] | None = None) -> bool:
+        """Upload ``files`` (``{name in the artifact: path}`` or paths) as a W&B artifact (``logger.artifacts``); with
+        MLflow the files become run artifacts. Other loggers: nothing (the files stay in the run directory)."""
+        if not getattr(self.config.logger, "artifacts", True) or self.logger is None or not getattr(self, "is_main", True):
+            return False
+        items = files.items() if isinstance(files, dict) else [(Path(f).name, f) for f in files]
+        items = [(str(k), Path(v)) for k, v in items if v is not None and Path(v).is_file()]
+        if not items:
+            return False
+        try:
+            exp = self._wandb_experiment()
+            if exp is not None:
+                import wandb
+
+                art = wandb.Artifact(artifact_name(name), type=kind, metadata=metadata or {})
+                for k, path in items:
+                    art.add_file(str(path), name=k)
+                exp.log_artifact(art, aliases=aliases)
+                return True
+            if type(self.logger).__name__ == "MLFlowLogger":
+                for k, path in items:
+                    self.logger.experiment.log_artifact(self.logger.run_id, str(path), artifact_path=f"{kind}/{Path(k).parent}".rstrip("/."))
+                return True
+        except Exception as e:  # pragma: no cover
+            log.warning("could not upload artifact %s: %s", name, e)
+        return False
 
     def finish(self) -> None:
         status = self._record_exit()
@@ -218,20 +245,131 @@ def configure_logging(level: str | int = "INFO") -> None:
     root.setLevel(level)
 
 
+def flat_config(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"method.lr": ..., "data.num_edits": ...}``: the names a W&B sweep file uses, so that a
+    sweep's parameters (``method: ftw``, ``method.weight_decay: 0.01``) sit beside the run's config instead of
+    replacing its nested sections. Lists stay values."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                out.update(flat_config(v, key))
+            else:
+                out[key] = v
+    return out
+
+
+def artifact_name(name: str) -> str:
+    """A valid W&B artifact name (letters, digits, ``-_.``)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-.")[:128] or "artifact"
+
+
+def evaluation_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """``eval/{stage}/{metric}`` and ``eval/{stage}/{metric}_ci`` from a report's summary dict: the one namespace
+    of the evaluation numbers (W&B summary, other loggers, a sweep's ``metric.name``)."""
+    flat = {}
+    for name, d in summary["metrics"].items():
+        for stage in ("pre", "post"):
+            if d[stage] is not None:
+                flat[f"eval/{stage}/{name}"] = float(d[stage])
+            if d["ci"][stage] is not None:
+                flat[f"eval/{stage}/{name}_ci"] = float(d["ci"][stage])
+    return flat
+
+
+def per_case_rows(pre, post, requests=None) -> tuple[list[str], list[list[Any]]]:
+    """The per-case table: ``case_id, subject, prompt, target_new, target_true``, then ``pre/<metric>`` and
+    ``post/<metric>`` for every per-case value (a row per request, pre and post side by side)."""
+    any_res = post or pre
+    by_id = {str(r.case_id): r for r in (requests or [])}
+    stages = [(n, r) for n, r in (("pre", pre), ("post", post)) if r is not None]
+    value_keys: list[str] = []
+    for _, res in stages:
+        for c in res.per_case:
+            for k, v in c.items():
+                if k != "case_id" and k not in value_keys and (v is None or isinstance(v, (int, float, bool, str))):
+                    value_keys.append(k)
+    per_stage = {n: {str(c["case_id"]): c for c in res.per_case} for n, res in stages}
+    columns = ["case_id", "subject", "prompt", "target_new", "target_true"] + [f"{n}/{k}" for n, _ in stages for k in value_keys]
+    rows = []
+    for c in any_res.per_case:
+        cid = str(c["case_id"])
+        r = by_id.get(cid)
+        row = [cid, getattr(r, "subject", None), getattr(r, "prompt", None), getattr(r, "target_new", None),
+               getattr(r, "target_true", None)]
+        for n, _ in stages:
+            case = per_stage[n].get(cid, {})
+            row += [_cell(case.get(k)) for k in value_keys]
+        rows.append(row)
+    return columns, rows
+
+
+def _cell(v):
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def _require(kind: str) -> None:
+    import importlib.util
+
+    module, extra = LOGGER_EXTRAS[kind]
+    if importlib.util.find_spec(module) is None:
+        raise LoggerConfigError(f"logger.kind={kind} needs the `{module}` package: pip install '{extra}'")
+
+
 def make_logger(cfg: LoggerConfig, run_dir: Path, config_dict: dict[str, Any]):
-    """The Lightning logger of ``logger.kind`` writing below ``run_dir`` (``None`` for ``none``)."""
+    """The Lightning logger of ``logger.kind`` writing below ``run_dir`` (``None`` for ``none``). Every logger gets
+    the config flat with dotted keys (:func:`flat_config`)."""
     if cfg.kind == "none":
         return None
+    flat = flat_config(config_dict)
     if cfg.kind == "csv":
         from pytorch_lightning.loggers import CSVLogger
 
         return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    if cfg.kind == "tensorboard":
+        _require("tensorboard")
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        tb = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+        tb.log_hyperparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()})
+        return tb
+    if cfg.kind == "mlflow":
+        _require("mlflow")
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        uri = cfg.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"  # MLflow's file store is deprecated
+        ml = MLFlowLogger(experiment_name=cfg.project, run_name=cfg.name or run_dir.name, tracking_uri=uri,
+                          tags={t: "1" for t in cfg.tags} or None,
+                          artifact_location=None if cfg.tracking_uri else (run_dir / "mlartifacts").as_uri())
+        ml.log_hyperparams({k: str(v)[:500] for k, v in flat.items()})
+        return ml
     from pytorch_lightning.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, group=cfg.group,
                        tags=list(cfg.tags), save_dir=str(run_dir), mode=resolve_wandb_mode(cfg.mode),
-                       config=config_dict, job_type=cfg.job_type)
+                       config=flat, job_type=cfg.job_type, log_model=bool(cfg.log_model))
+
+
+def start_experiment(logger) -> None:
+    """Create the logger's run now (rank 0), not at its first metric: W&B then records the whole console log and
+    system metrics of the job from its start."""
+    if logger is None:
+        return
+    try:
+        from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+        if rank_zero_only.rank == 0:
+            _ = logger.experiment
+    except Exception as e:  # pragma: no cover - a logger that cannot start must not kill the job here
+        log.warning("could not start the %s run: %s", type(logger).__name__, e)
 
 
 def as_dict(job) -> dict[str, Any]:
@@ -267,6 +405,7 @@ def setup_run(job, run_dir: str | Path | None = None) -> Run:
 
     seed_everything(int(job.seed), workers=True, verbose=False)
     logger = make_logger(job.logger, run_dir, as_dict(job))
+    start_experiment(logger)
     log.info("run directory: %s", run_dir)
     return Run(config=job, dir=run_dir, logger=logger, _file_handler=fh)
 

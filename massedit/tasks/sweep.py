@@ -1,52 +1,56 @@
-"""Offline runner for W&B sweep files (``configs/sweeps/*.yaml``): grid and random search, resumable.
+"""Offline runner for W&B sweep files (``configs/sweeps/*.yaml``) on Optuna: grid, random and TPE search, resumable.
 
 The same YAML file runs two ways:
 
-* with a W&B server: ``wandb sweep configs/sweeps/ftw_weight_decay.yaml`` then ``wandb agent <id>``
-  (the agent runs the file's ``command``, e.g. ``python train.py method.weight_decay=0.001 ...``);
-* offline: ``python sweep.py configs/sweeps/ftw_weight_decay.yaml`` expands the grid (or samples the
-  random search), runs the trials one after another (or one per device, ``--devices 0,1``), each as a
-  W&B run in one group, and keeps its state in ``<out>/sweep_state.json`` (atomic writes) so that an
-  interrupted sweep resumes without rerunning finished trials. At the end it writes ``summary.md``,
-  ``summary.json`` and ``sweep.png`` (efficacy, paraphrase, neighbourhood and Score against the swept
-  value, best Score marked) and logs table and plot to W&B.
+* with a W&B server: ``wandb sweep configs/sweeps/ftw_weight_decay.yaml`` then ``wandb agent <id>`` (the agent runs
+  the file's ``command``, e.g. ``python train.py method.weight_decay=0.001 ...``; massedit logs its config flat
+  with dotted keys, so the agent's parameters sit beside it);
+* offline: ``massedit sweep configs/sweeps/ftw_weight_decay.yaml`` runs the same parameters as an Optuna study
+  (``method: grid`` -> ``GridSampler``, ``random`` -> ``RandomSampler``, ``bayes`` -> ``TPESampler``) whose trials
+  execute the file's ``command`` exactly as the agent would (``MASSEDIT_TRIAL_RESULT`` carries the numbers back).
+  The study lives in ``<out>/optuna.journal`` (Optuna's journal storage, append-only): an interrupted sweep resumes
+  without rerunning finished trials; ``--devices 0,1`` runs one trial per device. At the end it writes
+  ``summary.md``, ``summary.json`` and ``sweep.png`` (ES/PS/NS/Score with 95% CIs against the swept value, best
+  marked) and logs them to W&B.
 
-Supported sweep keys: ``name, program, method (grid|random), metric {name, goal}, parameters, command,
-run_cap, project, entity``. Parameters: ``value``, ``values`` (+ ``probabilities``), ``distribution``
-(``constant, categorical, int_uniform, uniform, q_uniform, log_uniform, log_uniform_values,
-q_log_uniform_values, normal, q_normal, log_normal``) with ``min/max/mu/sigma/q``; nested
-``parameters`` blocks are flattened to dotted names (``method.weight_decay``).
+Sweep keys: ``name, program, method (grid|random|bayes), metric {name, goal}, parameters, command, run_cap,
+project, entity``. Parameters: ``value``, ``values``, ``distribution`` (``constant, categorical, int_uniform,
+uniform, q_uniform, log_uniform, log_uniform_values, q_log_uniform_values``) with ``min/max/q``; nested
+``parameters`` blocks are flattened to dotted names (``method.weight_decay``). Metric names are the logged ones
+(``eval/post/score``); a trial's ``results.json`` holds them as ``eval.post.score``.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
 import os
-import random
+import queue
 import shlex
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from massedit.core.io import atomic_write_json, atomic_write_text, load_json, stable_hash
+from massedit.core.io import atomic_write_text, load_json, stable_hash
 from massedit.core.errors import InputError
+
+from massedit.tasks.sweep_report import (SUMMARY_COLUMNS, _as_float, _cell, log_summary_to_wandb,  # noqa: F401
+                                         plot_summary, summary_markdown, write_summary)  # (re-exported)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "sweep_state.json"
-METHODS = ("grid", "random")
+JOURNAL = "optuna.journal"
+METHODS = ("grid", "random", "bayes")
 DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
-                 "log_uniform_values", "q_log_uniform_values", "normal", "q_normal", "log_normal")
-SUMMARY_COLUMNS = ("efficacy_success", "paraphrase_success", "neighborhood_success", "score")
+                 "log_uniform_values", "q_log_uniform_values")
+UNSUPPORTED = ("normal", "q_normal", "log_normal", "q_log_uniform", "beta", "q_beta", "inv_log_uniform",
+               "inv_log_uniform_values")
+DEFAULT_METRIC = "eval/post/score"
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B's default
 
 
@@ -136,6 +140,9 @@ def _distribution(name: str, p: Mapping[str, Any]) -> str:
             d = "int_uniform" if isinstance(p["min"], int) and isinstance(p["max"], int) else "uniform"
         else:
             raise SweepSpecError(f"parameter {name!r}: give value, values, or min/max (or a distribution)")
+    if d in UNSUPPORTED:
+        raise SweepSpecError(f"parameter {name!r}: distribution {d!r} runs on the W&B server only (wandb agent); the "
+                             f"offline runner (Optuna) takes {DISTRIBUTIONS}")
     if d not in DISTRIBUTIONS:
         raise SweepSpecError(f"parameter {name!r}: unknown distribution {d!r}; supported: {DISTRIBUTIONS}")
     if d == "categorical":
@@ -175,8 +182,7 @@ def sweep_from_dict(raw: Mapping[str, Any], path: Path | None = None, overrides:
         raise SweepSpecError(f"{where}: must hold a mapping")
     method = raw.get("method")
     if method not in METHODS:
-        hint = " (bayes needs the W&B server; use wandb sweep/agent)" if method == "bayes" else ""
-        raise SweepSpecError(f"{where}: method must be one of {METHODS}, got {method!r}{hint}")
+        raise SweepSpecError(f"{where}: method must be one of {METHODS}, got {method!r}")
     metric = raw.get("metric") or {}
     if not isinstance(metric, Mapping) or not metric.get("name"):
         raise SweepSpecError(f"{where}: needs metric: {{name: ..., goal: maximize|minimize}}")
@@ -215,73 +221,6 @@ def sweep_from_dict(raw: Mapping[str, Any], path: Path | None = None, overrides:
                      project=str(raw.get("project") or "massedit"), entity=raw.get("entity"), raw=dict(raw))
 
 
-# ------------------------------------------------------------------------------------------ expansion
-def expand_grid(parameters: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Cartesian product of every ``values`` list (``value`` = one-element list), in file order."""
-    names = list(parameters)
-    lists = []
-    for k in names:
-        p = parameters[k]
-        d = _distribution(k, p)
-        if d == "constant":
-            lists.append([p["value"]])
-        elif d == "categorical":
-            lists.append(list(p["values"]))
-        else:
-            raise SweepSpecError(f"grid search cannot enumerate distribution {d!r} of {k!r}")
-    return [dict(zip(names, combo)) for combo in itertools.product(*lists)]
-
-
-def sample_value(name: str, p: Mapping[str, Any], rng: random.Random):
-    """One draw from a parameter spec (W&B semantics; ``log_uniform`` min/max are natural logs)."""
-    d = _distribution(name, p)
-    if d == "constant":
-        return p["value"]
-    if d == "categorical":
-        vals = p["values"]
-        probs = p.get("probabilities")
-        return rng.choices(vals, weights=probs)[0] if probs else rng.choice(vals)
-    lo, hi = p.get("min"), p.get("max")
-    q = float(p.get("q", 1))
-    if d == "int_uniform":
-        return rng.randint(int(lo), int(hi))
-    if d == "uniform":
-        return rng.uniform(float(lo), float(hi))
-    if d == "q_uniform":
-        return round(rng.uniform(float(lo), float(hi)) / q) * q
-    if d == "log_uniform":
-        return math.exp(rng.uniform(float(lo), float(hi)))
-    if d == "log_uniform_values":
-        return math.exp(rng.uniform(math.log(float(lo)), math.log(float(hi))))
-    if d == "q_log_uniform_values":
-        return round(math.exp(rng.uniform(math.log(float(lo)), math.log(float(hi)))) / q) * q
-    mu, sigma = float(p.get("mu", 0.0)), float(p.get("sigma", 1.0))
-    if d == "normal":
-        return rng.gauss(mu, sigma)
-    if d == "q_normal":
-        return round(rng.gauss(mu, sigma) / q) * q
-    if d == "log_normal":
-        return math.exp(rng.gauss(mu, sigma))
-    raise SweepSpecError(f"unsupported distribution {d!r}")  # pragma: no cover
-
-
-def sample_random(parameters: Mapping[str, Mapping[str, Any]], count: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``count`` random configurations; the first k of ``count`` equal those of ``k`` (resumable)."""
-    rng = random.Random(seed)
-    return [{k: sample_value(k, p, rng) for k, p in parameters.items()} for _ in range(int(count))]
-
-
-def expand_trials(spec: SweepSpec, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """The trial configurations of a sweep: the whole grid (cut to ``count``/``run_cap``) or random draws."""
-    cap = count if count is not None else spec.run_cap
-    if spec.method == "grid":
-        trials = expand_grid(spec.parameters)
-        return trials[:cap] if cap else trials
-    if not cap:
-        raise SweepSpecError("random search needs a number of trials: run_cap in the file or --count")
-    return sample_random(spec.parameters, cap, seed=seed)
-
-
 # ------------------------------------------------------------------------------------------ commands
 def _fmt(v) -> str:
     if isinstance(v, bool):
@@ -312,6 +251,18 @@ def format_args(params: Mapping[str, Any], style: str = "args_no_hyphens") -> li
     raise ValueError(style)
 
 
+MASSEDIT_PROGRAMS = ("edit.py", "train.py", "stats.py")
+
+
+def program_argv(program) -> list[str]:
+    """The program as the agent would start it; massedit's ``edit.py``/``train.py`` outside a checkout (a pip
+    install has no such file) run as ``-m massedit edit``/``train``."""
+    p = Path(str(program))
+    if p.name in MASSEDIT_PROGRAMS and not p.exists():
+        return ["-m", "massedit", p.stem]
+    return [str(program)]
+
+
 def build_command(spec: SweepSpec, params: Mapping[str, Any], extra_args: Sequence[str] = (),
                   interpreter: str | None = None) -> list[str]:
     """Expand the sweep's ``command`` macros for one trial (``extra_args`` follow the trial's arguments)."""
@@ -323,7 +274,7 @@ def build_command(spec: SweepSpec, params: Mapping[str, Any], extra_args: Sequen
         elif item == "${interpreter}":
             out.append(interpreter or sys.executable)
         elif item == "${program}":
-            out.append(str(spec.program))
+            out.extend(program_argv(spec.program))
         elif item in ("${args}", "${args_no_hyphens}", "${args_no_boolean_flags}", "${args_json}"):
             out.extend(format_args(params, item[2:-1]))
             if item != "${args_json}":
@@ -337,64 +288,11 @@ def build_command(spec: SweepSpec, params: Mapping[str, Any], extra_args: Sequen
     return out
 
 
-# ------------------------------------------------------------------------------------------ state
-class SweepState:
-    """The on-disk state of a sweep (``sweep_state.json``), rewritten atomically after every change."""
-
-    def __init__(self, path: Path, data: dict[str, Any]):
-        self.path = Path(path)
-        self.data = data
-        self._lock = threading.Lock()
-
-    @classmethod
-    def open(cls, out_dir: Path, spec: SweepSpec, trials: list[dict[str, Any]], fingerprint: str,
-             retry_failed: bool = False) -> "SweepState":
-        path = Path(out_dir) / STATE_FILE
-        if path.exists():
-            data = load_json(path)
-            if data.get("fingerprint") != fingerprint:
-                raise SweepSpecError(
-                    f"{out_dir} holds a different sweep (parameters/command changed); choose another --out "
-                    "or delete it to start over")
-            known = {stable_hash(t["params"]): t for t in data["trials"]}
-            for t in data["trials"]:
-                if t["status"] == "running" or (retry_failed and t["status"] == "failed"):
-                    t["status"] = "pending"  # interrupted (or retried): run again
-            for params in trials:  # a larger --count adds trials; existing ones keep their state
-                if stable_hash(params) not in known:
-                    data["trials"].append(_new_trial(len(data["trials"]), params))
-        else:
-            data = {"name": spec.name, "fingerprint": fingerprint, "sweep_file": str(spec.path) if spec.path else None,
-                    "method": spec.method, "metric": spec.metric, "goal": spec.goal,
-                    "group": f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                    "trials": [_new_trial(i, p) for i, p in enumerate(trials)]}
-        st = cls(path, data)
-        st.save()
-        return st
-
-    def save(self) -> None:
-        atomic_write_json(self.path, self.data)
-
-    @property
-    def trials(self) -> list[dict[str, Any]]:
-        return self.data["trials"]
-
-    def update(self, trial_id: str, **fields) -> None:
-        with self._lock:
-            for t in self.trials:
-                if t["id"] == trial_id:
-                    t.update(fields)
-            self.save()
-
-
-def _new_trial(i: int, params: Mapping[str, Any]) -> dict[str, Any]:
-    return {"id": f"t{i:03d}", "params": dict(params), "status": "pending", "result": None,
-            "seconds": None, "error": None}
-
-
 # ------------------------------------------------------------------------------------------ running
 @dataclass
 class TrialContext:
+    """One trial: ``trial`` = ``{"id": "t003", "number": 3, "params": {...}}`` (every parameter, constants too)."""
+
     spec: SweepSpec
     trial: dict[str, Any]
     trial_dir: Path
@@ -407,13 +305,13 @@ TrialFn = Callable[[TrialContext], Mapping[str, Any]]
 
 
 def get_path(d: Mapping[str, Any] | None, dotted: str):
-    """``d["a"]["b"]`` for ``"a.b"`` (or the flat key ``"a.b"`` when present); None if missing."""
+    """``d["a"]["b"]`` for ``"a.b"`` or ``"a/b"`` (or the flat key when present); None if missing."""
     if d is None:
         return None
     if dotted in d:
         return d[dotted]
     cur: Any = d
-    for part in dotted.split("."):
+    for part in dotted.replace("/", ".").split("."):  # eval/post/score -> d["eval"]["post"]["score"]
         if not isinstance(cur, Mapping) or part not in cur:
             return None
         cur = cur[part]
@@ -433,7 +331,7 @@ def subprocess_trial(ctx: TrialContext) -> dict[str, Any]:
     if result_file.exists():
         result_file.unlink()
     extra = list(ctx.extra_args)
-    massedit_program = spec.program is not None and Path(str(spec.program)).name in ("train.py", "edit.py")
+    massedit_program = spec.program is not None and Path(str(spec.program)).name in MASSEDIT_PROGRAMS
     if massedit_program:
         # overwrite=true: a trial that runs again (resumed sweep, retry_failed) replaces its own unfinished run
         extra += [f"output_dir={ctx.trial_dir / 'run'}", "overwrite=true", f"logger.group={ctx.group}",
@@ -457,266 +355,356 @@ def subprocess_trial(ctx: TrialContext) -> dict[str, Any]:
     return load_json(result_file)
 
 
-def run_sweep(spec: SweepSpec, out_dir: str | Path, trial_fn: TrialFn | None = None, *, count: int | None = None,
-              seed: int = 0, devices: Sequence[str] | None = None, extra_args: Sequence[str] = (),
-              retry_failed: bool = False, log_to_wandb: bool = True, x_param: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns the summary (see :func:`summarize`)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trials = expand_trials(spec, count=count, seed=seed)
-    state = SweepState.open(out_dir, spec, trials, spec.fingerprint(extra_args), retry_failed=retry_failed)
-    trial_fn = trial_fn or subprocess_trial
-    todo = [t for t in state.trials if t["status"] == "pending"]
-    done = [t for t in state.trials if t["status"] == "finished"]
-    log.info("sweep %s: %d trials, %d finished, %d to run -> %s", spec.name, len(state.trials), len(done), len(todo), out_dir)
-
-    bar = _progress(len(todo)) if progress and todo else None
-
-    def run_one(trial, device=None):
-        ctx = TrialContext(spec=spec, trial=trial, trial_dir=out_dir / "trials" / trial["id"], group=state.data["group"],
-                           device=device, extra_args=tuple(extra_args))
-        state.update(trial["id"], status="running", device=device)
-        t0 = time.time()
-        try:
-            result = dict(trial_fn(ctx))
-            state.update(trial["id"], status="finished", result=_jsonable(result), seconds=time.time() - t0, error=None)
-            log.info("[%s] %s -> %s=%s (%.0f s)", trial["id"], {k: trial["params"].get(k) for k in spec.varying()}, spec.metric,
-                     get_path(result, spec.metric), time.time() - t0)
-        except KeyboardInterrupt:
-            state.update(trial["id"], status="pending")
-            raise
-        except Exception as e:  # one failing trial must not kill the sweep
-            state.update(trial["id"], status="failed", error=str(e)[-4000:], seconds=time.time() - t0)
-            log.error("[%s] failed: %s", trial["id"], str(e)[-500:])
-        if bar is not None:
-            bar.update(1)
-
-    try:
-        if devices and len(devices) > 1:
-            free = list(devices)
-            lock = threading.Lock()
-
-            def worker(trial):
-                with lock:
-                    dev = free.pop(0)
-                try:
-                    run_one(trial, dev)
-                finally:
-                    with lock:
-                        free.append(dev)
-
-            with ThreadPoolExecutor(max_workers=len(devices)) as pool:
-                list(pool.map(worker, todo))
-        else:
-            dev = devices[0] if devices else None
-            for t in todo:
-                run_one(t, dev)
-    finally:
-        if bar is not None:
-            bar.close()
-    summary = summarize(spec, state.data, x_param=x_param)
-    write_summary(out_dir, spec, summary)
-    if log_to_wandb:
-        log_summary_to_wandb(out_dir, spec, summary, group=state.data["group"])
-    return summary
-
-
-def _progress(n: int):
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=n, desc="sweep trials", unit="trial")
-    except ImportError:  # pragma: no cover
-        return None
-
-
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-# ------------------------------------------------------------------------------------------ summary
-def _as_float(v):
+# ------------------------------------------------------------------------------------------ Optuna
+def _optuna():
     try:
-        f = float(v)
-        return f if math.isfinite(f) else None
-    except (TypeError, ValueError):
-        return None
+        import optuna
+    except ImportError:
+        raise SweepSpecError("the offline sweep runner needs Optuna: pip install 'massedit[sweep]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
 
 
-def summarize(spec: SweepSpec, state: Mapping[str, Any], x_param: str | None = None) -> dict[str, Any]:
-    """Rows (one per trial: parameters, efficacy/paraphrase/neighbourhood success, Score, the sweep metric)
+_PRIMITIVE = (type(None), bool, int, float, str)
+
+
+def _encode(v):
+    """Optuna's categorical choices are primitives; lists/dicts (``method.layers``) travel as ``json:...``."""
+    return v if isinstance(v, _PRIMITIVE) else "json:" + json.dumps(v)
+
+
+def _decode(v):
+    return json.loads(v[5:]) if isinstance(v, str) and v.startswith("json:") else v
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every combination of the ``values`` lists (``value`` = one value), in file order (first parameter slowest)."""
+    points: list[dict[str, Any]] = [{}]
+    for k, p in spec.parameters.items():
+        d = _distribution(k, p)
+        if d not in ("constant", "categorical"):
+            raise SweepSpecError(f"grid search cannot enumerate distribution {d!r} of {k!r}")
+        vals = [p["value"]] if d == "constant" else list(p["values"])
+        points = [{**pt, k: v} for pt in points for v in vals]
+    return points
+
+
+def suggest(trial, name: str, p: Mapping[str, Any]):
+    """One parameter of an Optuna trial from a W&B parameter spec (``log_uniform``: min/max are natural logs)."""
+    d = _distribution(name, p)
+    if d == "constant":
+        return p["value"]
+    if d == "categorical":
+        if p.get("probabilities") is not None:
+            raise SweepSpecError(f"parameter {name!r}: 'probabilities' runs on the W&B server only (wandb agent)")
+        return _decode(trial.suggest_categorical(name, [_encode(x) for x in p["values"]]))
+    lo, hi, q = p["min"], p["max"], p.get("q")
+    if d == "int_uniform":
+        return trial.suggest_int(name, int(lo), int(hi))
+    if d == "uniform":
+        return trial.suggest_float(name, float(lo), float(hi))
+    if d == "q_uniform":
+        return trial.suggest_float(name, float(lo), float(hi), step=float(q or 1))
+    if d == "log_uniform":
+        return trial.suggest_float(name, math.exp(float(lo)), math.exp(float(hi)), log=True)
+    if d == "log_uniform_values":
+        return trial.suggest_float(name, float(lo), float(hi), log=True)
+    if d == "q_log_uniform_values":
+        qq = float(q or 1)
+        return round(trial.suggest_float(name, float(lo), float(hi), log=True) / qq) * qq
+    raise SweepSpecError(f"unsupported distribution {d!r}")  # pragma: no cover
+
+
+def make_sampler(spec: SweepSpec, seed: int = 0):
+    """``grid`` -> GridSampler over the ``values`` lists, ``random`` -> RandomSampler, ``bayes`` -> TPESampler."""
+    optuna = _optuna()
+    if spec.method == "grid":
+        space = {k: [_encode(x) for x in p["values"]] for k, p in spec.parameters.items()
+                 if _distribution(k, p) == "categorical"}
+        return optuna.samplers.GridSampler(space or {"_": [0]}, seed=seed)
+    if spec.method == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _params_key(params: Mapping[str, Any]) -> str:
+    return stable_hash({k: _encode(v) for k, v in sorted(params.items())})
+
+
+def _trial_params(spec: SweepSpec, t) -> dict[str, Any]:
+    """All parameters of a stored trial (constants included), decoded."""
+    out = {}
+    given = {**t.system_attrs.get("fixed_params", {}), **t.params}  # an enqueued trial killed before it sampled
+    for k, p in spec.parameters.items():
+        if _distribution(k, p) == "constant":
+            out[k] = p["value"]
+        elif k in given:
+            v = given[k]
+            q = p.get("q")
+            out[k] = round(v / float(q)) * float(q) if _distribution(k, p) == "q_log_uniform_values" and q else _decode(v)
+    return out
+
+
+def _fixed(spec: SweepSpec, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampled (non-constant) part of ``params``, encoded, for ``study.enqueue_trial``."""
+    return {k: _encode(v) for k, v in params.items() if k in spec.parameters
+            and _distribution(k, spec.parameters[k]) != "constant"}
+
+
+class SweepStudy:
+    """A sweep as an Optuna study in ``<out>/optuna.journal`` (journal storage: append-only, resumable)."""
+
+    def __init__(self, spec: SweepSpec, out_dir: Path, fingerprint: str, seed: int = 0):
+        optuna = _optuna()
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        self.spec, self.out_dir = spec, Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = JournalStorage(JournalFileBackend(str(self.out_dir / JOURNAL)))
+        names = [s.study_name for s in optuna.get_all_study_summaries(self.storage)]
+        if names and spec.name not in names:
+            raise SweepSpecError(f"{out_dir} holds a different sweep ({names}); choose another --out")
+        direction = "maximize" if spec.goal == "maximize" else "minimize"
+        study = optuna.create_study(study_name=spec.name, storage=self.storage, direction=direction,
+                                    load_if_exists=True)
+        n_before = len(study.trials)
+        self.study = optuna.load_study(study_name=spec.name, storage=self.storage,
+                                       sampler=make_sampler(spec, seed + n_before))  # resumed draws differ
+        attrs = self.study.user_attrs
+        if "fingerprint" not in attrs:
+            self.study.set_user_attr("fingerprint", fingerprint)
+            self.study.set_user_attr("group", f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.study.set_user_attr("sweep_file", str(spec.path) if spec.path else None)
+            self.study.set_user_attr("requeued", [])
+        elif attrs["fingerprint"] != fingerprint:
+            raise SweepSpecError(f"{out_dir} holds a different sweep (parameters/command changed); choose another "
+                                 "--out or delete it to start over")
+
+    @property
+    def group(self) -> str:
+        return self.study.user_attrs["group"]
+
+    def trials(self):
+        return self.study.get_trials(deepcopy=False)
+
+    def _requeue(self, trials) -> int:
+        done = set(self.study.user_attrs.get("requeued", []))
+        n = 0
+        for t in trials:
+            if t.number in done:
+                continue
+            self.study.enqueue_trial(_fixed(self.spec, _trial_params(self.spec, t)), skip_if_exists=False)
+            done.add(t.number)
+            n += 1
+        self.study.set_user_attr("requeued", sorted(done))
+        return n
+
+    def prepare(self, count: int | None, retry_failed: bool) -> int:
+        """Queue what is left to run; returns the number of trials to run now. Trials a killed runner left
+        ``RUNNING`` (or that were interrupted) run again; with ``retry_failed`` so do failed ones."""
+        from optuna.trial import TrialState
+
+        st = self.storage
+        for t in self.trials():
+            if t.state == TrialState.RUNNING:  # the runner that owned it is gone (one runner per --out)
+                st.set_trial_user_attr(t._trial_id, "interrupted", True)
+                st.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        trials = self.trials()
+        interrupted = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("interrupted")]
+        failed = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")]
+        self._requeue(interrupted)
+        if retry_failed:
+            self._requeue(failed)
+        cap = count if count is not None else self.spec.run_cap
+        if self.spec.method == "grid":
+            if not any(t.user_attrs.get("grid") for t in trials):  # first run: the whole grid, in file order
+                points = grid_points(self.spec)
+                for pt in points[:cap] if cap else points:
+                    self.study.enqueue_trial(_fixed(self.spec, pt), user_attrs={"grid": True})
+            return sum(t.state == TrialState.WAITING for t in self.trials())
+        if not cap:
+            raise SweepSpecError(f"{self.spec.method} search needs a number of trials: run_cap in the file or --count")
+        trials = self.trials()
+        superseded = set(self.study.user_attrs.get("requeued", []))
+        counted = sum(t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and t.number not in superseded)
+                      for t in trials)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        return max(waiting, int(cap) - counted)
+
+
+def run_sweep(spec: SweepSpec, out_dir: str | Path, trial_fn: TrialFn | None = None, *, count: int | None = None,
+              seed: int = 0, devices: Sequence[str] | None = None, extra_args: Sequence[str] = (),
+              retry_failed: bool = False, log_to_wandb: bool = True, x_param: str | None = None,
+              progress: bool = True, logx: bool | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep on Optuna; returns the summary (see :func:`summarize`)."""
+    out_dir = Path(out_dir)
+    study = SweepStudy(spec, out_dir, spec.fingerprint(extra_args), seed=seed)
+    n_todo = study.prepare(count, retry_failed)
+    trial_fn = trial_fn or subprocess_trial
+    free: queue.Queue = queue.Queue()
+    for d in (devices or [None]):
+        free.put(d)
+    n_done = sum(t.state.name == "COMPLETE" for t in study.trials())
+    log.info("sweep %s (%s, Optuna): %d finished, %d to run -> %s", spec.name, spec.method, n_done, n_todo, out_dir)
+    bar = _progress(n_todo, "sweep trials") if progress and n_todo else None
+
+    def objective(trial) -> float:
+        params = {k: suggest(trial, k, p) for k, p in spec.parameters.items()}
+        tid = f"t{trial.number:03d}"
+        device = free.get()
+        ctx = TrialContext(spec=spec, trial={"id": tid, "number": trial.number, "params": params},
+                           trial_dir=out_dir / "trials" / tid, group=study.group, device=device,
+                           extra_args=tuple(extra_args))
+        trial.set_user_attr("device", device)
+        t0 = time.time()
+        try:
+            result = dict(trial_fn(ctx))
+            trial.set_user_attr("result", _jsonable(result))
+            value = _as_float(get_path(result, spec.metric))
+            if value is None:
+                raise RuntimeError(f"trial {tid} reported no number for the sweep metric {spec.metric!r}")
+            log.info("[%s] %s -> %s=%s (%.0f s)", tid, {k: params.get(k) for k in spec.varying()}, spec.metric,
+                     _cell(value), time.time() - t0)
+            return value
+        except Exception as e:  # recorded as a failed trial; the sweep goes on
+            trial.set_user_attr("error", str(e)[-4000:])
+            log.error("[%s] failed: %s", tid, str(e)[-500:])
+            raise
+        except BaseException:  # the runner itself is stopped: the trial runs again on resume
+            trial.set_user_attr("interrupted", True)
+            raise
+        finally:
+            trial.set_user_attr("seconds", time.time() - t0)
+            free.put(device)
+            if bar is not None:
+                bar.update(1)
+
+    try:
+        if n_todo:
+            study.study.optimize(objective, n_trials=n_todo, n_jobs=max(1, len(devices or [])), catch=(Exception,),
+                                 gc_after_trial=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = summarize(spec, study, x_param=x_param)
+    write_summary(out_dir, spec, summary, logx=logx)
+    if log_to_wandb:
+        log_summary_to_wandb(out_dir, spec, summary, group=study.group)
+    return summary
+
+
+def report_sweep(spec: SweepSpec, out_dir: str | Path, *, extra_args: Sequence[str] = (), x_param: str | None = None,
+                 logx: bool | None = None, log_to_wandb: bool = False) -> dict[str, Any]:
+    """Summary and plot of the trials finished so far in ``out_dir`` (runs nothing)."""
+    if not (Path(out_dir) / JOURNAL).exists():
+        raise SweepSpecError(f"no sweep in {out_dir} ({JOURNAL} missing)")
+    study = SweepStudy(spec, Path(out_dir), spec.fingerprint(extra_args))
+    summary = summarize(spec, study, x_param=x_param)
+    write_summary(out_dir, spec, summary, logx=logx)
+    if log_to_wandb:
+        log_summary_to_wandb(Path(out_dir), spec, summary, group=study.group)
+    return summary
+
+
+def _progress(n: int, desc: str):
+    from massedit.core.progress import progress_bar
+
+    return progress_bar(n, desc, unit="trial")
+
+
+# ------------------------------------------------------------------------------------------ summary
+def _stage_value(result: Mapping[str, Any], stage: str, name: str):
+    """A trial's ``eval/{stage}/{name}`` (massedit's results.json), else a top-level ``name`` (other programs)."""
+    v = get_path(result, f"eval/{stage}/{name}")
+    if v is None and stage == "post":
+        v = get_path(result, name)
+    if v is None and stage == "pre":
+        v = get_path(result, f"pre.{name}")
+    return _as_float(v)
+
+
+def trial_records(spec: SweepSpec, study) -> list[dict[str, Any]]:
+    """One record per parameter set (its latest attempt: a re-run supersedes an interrupted or failed one):
+    ``{"id", "number", "params", "status" (finished|failed|running), "result", "seconds", "error", "device"}``."""
+    status = {"COMPLETE": "finished", "FAIL": "failed", "RUNNING": "running", "PRUNED": "failed"}
+    latest: dict[str, dict[str, Any]] = {}
+    for t in study.trials():
+        if t.state.name == "WAITING":
+            continue
+        params = _trial_params(spec, t)
+        rec = {"id": f"t{t.number:03d}", "number": t.number, "params": params, "status": status[t.state.name],
+               "result": t.user_attrs.get("result"), "seconds": t.user_attrs.get("seconds"),
+               "error": t.user_attrs.get("error"), "device": t.user_attrs.get("device"),
+               "interrupted": bool(t.user_attrs.get("interrupted"))}
+        key = _params_key(params)
+        prev = latest.get(key)
+        if prev is None or rec["number"] > prev["number"] or (prev["interrupted"] and not rec["interrupted"]):
+            latest[key] = rec
+    return sorted(latest.values(), key=lambda r: r["number"])
+
+
+def summarize(spec: SweepSpec, study, x_param: str | None = None) -> dict[str, Any]:
+    """Rows (one per parameter set: parameters, ES/PS/NS/Score and their 95% CIs after the edit, the sweep metric)
     and the best finished trial by the sweep's metric and goal."""
     varying = spec.varying()
     x = x_param or (varying[0] if varying else None)
+    records = trial_records(spec, study)
     rows = []
-    for t in state["trials"]:
+    for t in records:
         r = t.get("result") or {}
         row = {"trial": t["id"], "status": t["status"], **{k: t["params"].get(k) for k in varying}}
         for c in SUMMARY_COLUMNS:
-            row[c] = _as_float(get_path(r, c))
+            row[c] = _stage_value(r, "post", c)
+            row[f"{c}_ci"] = _stage_value(r, "post", f"{c}_ci")
+            row[f"pre_{c}"] = _stage_value(r, "pre", c)  # the unedited model on this trial's requests
         row["metric"] = _as_float(get_path(r, spec.metric))
-        row["delta_norm"] = _as_float(get_path(r, "delta_norm"))
+        norms = get_path(r, "delta_norms")
+        row["delta_norm"] = (_as_float(math.sqrt(sum(float(v) ** 2 for v in norms.values())))
+                             if isinstance(norms, Mapping) and norms else _as_float(get_path(r, "delta_norm")))
         row["seconds"] = t.get("seconds")
+        row["error"] = t.get("error")
         rows.append(row)
     finished = [r for r in rows if r["status"] == "finished" and r["metric"] is not None]
-    pre = None  # the unedited model's numbers, when the trials report them (train.py: result["pre"])
-    for t in state["trials"]:
-        p = (t.get("result") or {}).get("pre") if t["status"] == "finished" else None
-        if isinstance(p, Mapping):
-            pre = {c: _as_float(p.get(c)) for c in SUMMARY_COLUMNS}
+    pre = None  # the unedited model's numbers, when the trials report them
+    for t in records:
+        r = t.get("result") or {}
+        if t["status"] == "finished" and any(_stage_value(r, "pre", c) is not None for c in SUMMARY_COLUMNS):
+            pre = {c: _stage_value(r, "pre", c) for c in SUMMARY_COLUMNS}
             break
     best = None
     if finished:
         key = (lambda r: r["metric"]) if spec.goal == "maximize" else (lambda r: -r["metric"])
         best = max(finished, key=key)
     return {"name": spec.name, "metric": spec.metric, "goal": spec.goal, "x": x, "varying": varying, "rows": rows,
-            "best": best, "pre": pre, "group": state.get("group"), "n_finished": len(finished), "n_trials": len(rows),
-            "n_failed": sum(r["status"] == "failed" for r in rows)}
-
-
-def _cell(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}" if (abs(v) < 1e-2 or abs(v) >= 1e4) and v != 0 else f"{v:.2f}"
-    return str(v)
-
-
-def summary_markdown(summary: Mapping[str, Any]) -> str:
-    cols = ["trial", *summary["varying"], *SUMMARY_COLUMNS, "delta_norm", "status"]
-    if summary["metric"] not in SUMMARY_COLUMNS:
-        cols.insert(-2, "metric")
-    best = summary["best"]["trial"] if summary["best"] else None
-    lines = [f"Sweep `{summary['name']}`: {summary['n_finished']}/{summary['n_trials']} trials finished"
-             f" ({summary['n_failed']} failed); metric `{summary['metric']}` ({summary['goal']}).", ""]
-    if summary.get("pre") and any(v is not None for v in summary["pre"].values()):
-        lines += ["Unedited model: " + ", ".join(f"{c} {_cell(v)}" for c, v in summary["pre"].items()), ""]
-    lines += ["| " + " | ".join(c if c != "metric" else summary["metric"] for c in cols) + " |",
-              "|" + "|".join("---" for _ in cols) + "|"]
-    for r in summary["rows"]:
-        cells = [_cell(r.get(c)) for c in cols]
-        if r["trial"] == best:
-            cells = [f"**{c}**" for c in cells]
-            cells[0] += " (best)"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_summary(summary: Mapping[str, Any], path: str | Path) -> Path | None:
-    """Efficacy, paraphrase (generalisation), neighbourhood (specificity) and Score vs the swept value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from massedit.core.io import atomic_path
-
-    x = summary["x"]
-    rows = [r for r in summary["rows"] if r["status"] == "finished"]
-    if not rows:
-        return None
-    xs_raw = [r.get(x) if x else i for i, r in enumerate(rows)]
-    numeric = all(_as_float(v) is not None for v in xs_raw)
-    if numeric:
-        order = sorted(range(len(rows)), key=lambda i: float(xs_raw[i]))
-        xs = [float(xs_raw[i]) for i in order]
-    else:
-        order = list(range(len(rows)))
-        xs = list(range(len(rows)))
-    rows = [rows[i] for i in order]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    labels = {"efficacy_success": "Efficacy (ES)", "paraphrase_success": "Generalisation (PS)",
-              "neighborhood_success": "Specificity (NS)", "score": "Score"}
-    styles = {"efficacy_success": "o-", "paraphrase_success": "s-", "neighborhood_success": "^-", "score": "D-"}
-    colors = {"efficacy_success": "C0", "paraphrase_success": "C1", "neighborhood_success": "C2", "score": "C3"}
-    pre = summary.get("pre") or {}
-    for c in SUMMARY_COLUMNS:
-        ys = [r.get(c) for r in rows]
-        if any(y is not None for y in ys):
-            ax.plot(xs, [y if y is not None else float("nan") for y in ys], styles[c], label=labels[c],
-                    lw=2.5 if c == "score" else 1.5, color=colors[c])
-        if pre.get(c) is not None:
-            ax.axhline(pre[c], color=colors[c], ls="--", lw=0.8, alpha=0.5)
-    if any(v is not None for v in pre.values()):
-        ax.plot([], [], "k--", lw=0.8, alpha=0.5, label="unedited model (dashed)")
-    if summary["metric"] not in SUMMARY_COLUMNS:
-        ax.plot(xs, [r.get("metric") for r in rows], "k--", label=summary["metric"])
-    best = summary.get("best")
-    if best is not None:
-        bi = next(i for i, r in enumerate(rows) if r["trial"] == best["trial"])
-        by = best.get("score") if best.get("score") is not None else best.get("metric")
-        ax.axvline(xs[bi], color="gray", ls=":", lw=1)
-        ax.plot([xs[bi]], [by], marker="*", ms=18, color="gold", mec="black", zorder=5,
-                label=f"best {summary['metric']} ({_cell(best.get('metric'))})")
-    if numeric:
-        pos = [v for v in xs if v > 0]
-        if pos and max(pos) / min(pos) >= 100:
-            if min(xs) <= 0:
-                ax.set_xscale("symlog", linthresh=min(pos))
-            else:
-                ax.set_xscale("log")
-    else:
-        ax.set_xticks(xs, [str(v) for v in (xs_raw[i] for i in order)], rotation=30)
-    ax.set_xlabel(x or "trial")
-    ax.set_ylabel("%")
-    ax.set_title(f"Sweep {summary['name']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_summary(out_dir: str | Path, spec: SweepSpec, summary: Mapping[str, Any]) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    paths = {"json": atomic_write_json(out_dir / "summary.json", summary),
-             "md": atomic_write_text(out_dir / "summary.md", summary_markdown(summary))}
-    png = plot_summary(summary, out_dir / "sweep.png")
-    if png is not None:
-        paths["png"] = png
-    return paths
-
-
-def log_summary_to_wandb(out_dir: Path, spec: SweepSpec, summary: Mapping[str, Any], group: str | None) -> bool:
-    """Log the summary table and plot as a W&B run (``job_type=sweep-summary``) in the sweep's group."""
-    try:
-        import wandb
-
-        from massedit.tasks.runs import resolve_wandb_mode
-    except ImportError:
-        log.warning("wandb not installed; summary not logged to W&B")
-        return False
-    try:
-        os.environ.setdefault("WANDB_SILENT", "true")
-        run = wandb.init(project=spec.project, entity=spec.entity, group=group, name=f"{spec.name}-summary",
-                         job_type="sweep-summary", dir=str(out_dir), mode=resolve_wandb_mode("auto"),
-                         config={"sweep": spec.raw}, reinit="finish_previous")
-        cols = ["trial", *summary["varying"], *SUMMARY_COLUMNS, "delta_norm", "status"]
-        table = wandb.Table(columns=cols, data=[[_table_value(r.get(c)) for c in cols] for r in summary["rows"]])
-        payload = {"sweep_summary": table}
-        png = Path(out_dir) / "sweep.png"
-        if png.exists():
-            payload["sweep_plot"] = wandb.Image(str(png))
-        run.log(payload)
-        if summary["best"]:
-            run.summary["best_trial"] = summary["best"]["trial"]
-            run.summary[f"best_{spec.metric}"] = summary["best"]["metric"]
-        run.finish()
-        return True
-    except Exception as e:  # logging must not lose a finished sweep
-        log.warning("could not log the sweep summary to W&B: %s", e)
-        return False
-
-
-def _table_value(v):
-    return v if isinstance(v, (int, float, str)) or v is None else str(v)
+            "best": best, "pre": pre, "group": study.group, "n_finished": len(finished), "n_trials": len(rows),
+            "n_failed": sum(r["status"] == "failed" for r in rows), "engine": "optuna"}
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def preview_trials(spec: SweepSpec, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The trials a fresh run would start with (grid: every point in file order; random/bayes: the sampler's first
+    draws, from an in-memory study)."""
+    cap = count if count is not None else spec.run_cap
+    if spec.method == "grid":
+        points = grid_points(spec)
+        return points[:cap] if cap else points
+    if not cap:
+        raise SweepSpecError(f"{spec.method} search needs a number of trials: run_cap in the file or --count")
+    optuna = _optuna()
+    study = optuna.create_study(sampler=make_sampler(spec, seed))
+    out = []
+    for _ in range(int(cap)):
+        t = study.ask()
+        out.append({k: suggest(t, k, p) for k, p in spec.parameters.items()})
+        study.tell(t, 0.0)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
@@ -725,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("sweep_file", help="W&B sweep YAML, e.g. configs/sweeps/ftw_weight_decay.yaml")
     ap.add_argument("--out", help="output dir (default outputs/sweeps/<name>); rerun with the same --out to resume")
     ap.add_argument("--count", type=int, help="number of trials (random search; caps a grid)")
-    ap.add_argument("--seed", type=int, default=0, help="random-search seed")
+    ap.add_argument("--seed", type=int, default=0, help="sampler seed (random / bayes)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="fix a parameter for every trial (adds/replaces a constant parameter)")
     ap.add_argument("--extra", action="append", default=[], metavar="ARG",
@@ -733,15 +721,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--devices", help="comma-separated CUDA devices: one trial per device in parallel")
     ap.add_argument("--retry-failed", action="store_true", help="rerun failed trials when resuming")
     ap.add_argument("--x", dest="x_param", help="parameter on the plot's x axis (default: first varying one)")
+    ap.add_argument("--logx", action="store_true", default=None, help="log-scaled x axis (default: when the values "
+                    "span a factor of 10 or more)")
     ap.add_argument("--no-wandb", action="store_true", help="do not log the summary run to W&B")
     ap.add_argument("--dry-run", action="store_true", help="print the trials' commands and exit")
+    ap.add_argument("--report-only", action="store_true", help="write summary and plot of the finished trials in "
+                    "--out (running none)")
     args = ap.parse_args(argv)
     from massedit.tasks.runs import configure_logging
 
     configure_logging("INFO")
     try:
         spec = load_sweep(args.sweep_file, overrides=args.sets)
-        trials = expand_trials(spec, count=args.count, seed=args.seed)
+        trials = preview_trials(spec, count=args.count, seed=args.seed) if args.dry_run else None
     except (SweepSpecError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -752,8 +744,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out or Path("outputs") / "sweeps" / spec.name)
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
     try:
-        summary = run_sweep(spec, out, count=args.count, seed=args.seed, devices=devices, extra_args=args.extra,
-                            retry_failed=args.retry_failed, log_to_wandb=not args.no_wandb, x_param=args.x_param)
+        if args.report_only:
+            summary = report_sweep(spec, out, extra_args=args.extra, x_param=args.x_param, logx=args.logx,
+                                   log_to_wandb=not args.no_wandb)
+        else:
+            summary = run_sweep(spec, out, count=args.count, seed=args.seed, devices=devices, extra_args=args.extra,
+                                retry_failed=args.retry_failed, log_to_wandb=not args.no_wandb, x_param=args.x_param,
+                                logx=args.logx)
     except SweepSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

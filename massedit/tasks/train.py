@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from massedit.core.errors import InputError
 from massedit.core.io import atomic_path
 from massedit.core.models import load_model_and_tokenizer
 from massedit.datamodules.mend import MendDataModule
@@ -68,6 +69,22 @@ def plot_history(history: list[dict], path) -> Path | None:
     return Path(path)
 
 
+def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
+    """``ckpt_path``: ``last`` = this run directory's ``checkpoints/last.ckpt`` (resume an interrupted run by giving
+    its ``output_dir``), a run directory (its last checkpoint) or a ``.ckpt`` file. Missing files are errors:
+    Lightning would silently start from scratch."""
+    if not spec:
+        return None
+    p = Path(run_dir) / "checkpoints" / "last.ckpt" if spec == "last" else Path(str(spec)).expanduser()
+    if p.is_dir():
+        p = p / "checkpoints" / "last.ckpt"
+    if not p.is_file():
+        hint = (" (ckpt_path=last resumes the run in output_dir: pass the interrupted run's output_dir=DIR)"
+                if spec == "last" else "")
+        raise InputError(f"ckpt_path={spec}: no checkpoint at {p}{hint}")
+    return str(p)
+
+
 def train_mend(job) -> dict[str, Any]:
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -97,9 +114,12 @@ def train_mend(job) -> dict[str, Any]:
         t0 = time.time()
         log.info("MEND: %d inner params %s; %d editor parameters", len(net.inner), [p.param for p in net.inner],
                  sum(p.numel() for p in net.parameters()))
-        if not job.ckpt_path:
+        ckpt = resolve_ckpt_path(job.ckpt_path, run.dir)
+        if ckpt is None:
             trainer.validate(module, datamodule=dm, verbose=False)  # iteration 0: the untrained editor
-        trainer.fit(module, datamodule=dm, ckpt_path=job.ckpt_path)  # "last": resume this run directory's last checkpoint
+        else:
+            log.info("MEND: resuming from %s", ckpt)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         train_s = time.time() - t0
 
         best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
@@ -122,6 +142,11 @@ def train_mend(job) -> dict[str, Any]:
             png = plot_history(module.history, run.dir / "mend_training.png")
             results.update(editor=str(editor_path), plot=str(png))
             run.save_json("results.json", results)
+            # the Lightning checkpoints go up as `model` artifacts through WandbLogger(log_model=...)
+            run.log_artifact(f"mend-editor-{run.dir.name}", "mend-editor",
+                             {"mend_editor.pt": editor_path, "mend_history.json": run.dir / "mend_history.json",
+                              "mend_training.png": png, "results.json": run.dir / "results.json"},
+                             metadata={"model": job.model.name_or_path, "iterations": module.iters})
             run.log_summary({k: v for k, v in (results["val_best"] or {}).items() if isinstance(v, float)})
             log.info("MEND training done in %.0f s; editor -> %s", train_s, editor_path)
             print(f"\nOutputs written to {run.dir}")

@@ -88,12 +88,10 @@ def accumulate_pseudo_gradients(model: nn.Module, tok, net: MendNet, requests: S
     n_total = total_target_tokens(tok, requests)
     g_sum: dict[str, torch.Tensor] = {}
     chunks = [requests[i: i + chunk_size] for i in range(0, len(requests), chunk_size)]
-    it = chunks
-    if progress and len(chunks) > 1:
-        from tqdm.auto import tqdm
+    from massedit.core.progress import progress_bar
 
-        it = tqdm(chunks, desc="MEND factors", unit="chunk")
-    for chunk in it:
+    bar = progress_bar(len(chunks), "MEND factors", unit="chunk", enabled=progress and len(chunks) > 1)
+    for chunk in chunks:
         prompts, targets = request_texts(chunk)
         batch = build_edit_batch(tok, prompts, targets, max_length).to(dev)
 
@@ -110,6 +108,8 @@ def accumulate_pseudo_gradients(model: nn.Module, tok, net: MendNet, requests: S
                 x, d = factors[p.param]
                 g = net.transformed_gradient(k, x, d)
                 g_sum[p.param] = g_sum[p.param] + g if p.param in g_sum else g
+        bar.update(1)
+    bar.close()
     return g_sum
 
 
