@@ -648,7 +648,7 @@ def test_written_files_follow_the_umask(umask, tmp_path):
 def test_mend_training_resumes_from_its_lightning_checkpoint_with_the_safe_loader(tiny_dir, tmp_path, capsys,
                                                                                  monkeypatch):
     """``massedit train method=mend`` writes Lightning checkpoints that load with ``weights_only=True``
-    (``ckpt_path=last resume=true``); without resume=true the run directory is refused."""
+    (``ckpt_path=last``, which implies resume=true); without it the run directory is refused."""
     from massedit.cli import run_command
 
     monkeypatch.setenv("MASSEDIT_CACHE", str(tmp_path / "cache"))
@@ -661,6 +661,19 @@ def test_mend_training_resumes_from_its_lightning_checkpoint_with_the_safe_loade
             "logger=none", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'run'}"]
     assert run_command("train", args) == 0
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
-    assert run_command("train", args + ["ckpt_path=last"]) == 2
+    assert run_command("train", args) == 2
     assert "already holds an earlier run" in capsys.readouterr().err
-    assert run_command("train", args + ["ckpt_path=last", "resume=true"]) == 0
+    assert run_command("train", args + ["ckpt_path=last"]) == 0
+    assert run_command("train", args + ["ckpt_path=last", "method.train.lr=1e-3"]) == 2
+    assert "differs" in capsys.readouterr().err
+
+
+def test_python_api_edit_refuses_a_runaway_update(tiny_dir):
+    import massedit
+
+    model, tok = massedit.load_model(str(tiny_dir))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(EditGuardError, match="edit_guard.max_relative_norm"):
+        massedit.edit(model, tok, [{"prompt": "The capital of {} is", "subject": "Japan", "target": "Rome"}],
+                      method="ft", lr=1e8, epochs=2, layers=[1], progress=False)
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())

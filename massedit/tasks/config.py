@@ -84,7 +84,7 @@ class JobConfig:
     output_dir: str | None = None      # this run's directory (default: <output_root>/<run_name>)
     save_deltas: bool = True
     resume: bool = False               # output_dir holds this run already: continue it (same config; caches keep
-    #                                    finished work; MEND ckpt_path=last resumes training). Else it is refused
+    #                                    finished work; implied by ckpt_path, e.g. MEND ckpt_path=last). Else refused
     overwrite: bool = False            # output_dir holds an earlier run: delete its files and start afresh
     edit_guard: EditGuardConfig = field(default_factory=EditGuardConfig)  # NaN/Inf and runaway-update checks
     log_level: str = "INFO"

@@ -461,10 +461,11 @@ def check_run_dir(job, run_dir: Path) -> None:
 
     * ``output_dir`` (or a parent) that is a file, or a directory that cannot be written: refused;
     * an existing, non-empty directory: refused unless ``resume=true`` (continue the same run: same config,
-      the run's files are rewritten as it completes; MEND ``ckpt_path=last`` resumes training) or
+      the run's files are rewritten as it completes; a ``ckpt_path`` — MEND ``ckpt_path=last`` — implies it) or
       ``overwrite=true`` (the old run's files are deleted first). Neither touches a non-empty directory that
       is not a massedit run directory (no ``config.yaml`` / ``run.log``)."""
     resume, overwrite = bool(getattr(job, "resume", False)), bool(getattr(job, "overwrite", False))
+    resume = resume or bool(getattr(job, "ckpt_path", None))  # training from a checkpoint continues a run
     if worker_rank():
         return  # a DDP worker started by rank 0 (or a launcher): rank 0 applies the policy, alone
     if resume and overwrite:
