@@ -9,7 +9,9 @@
 
 Options of edit/train/eval/stats: ``--cfg`` prints the composed config and exits; ``--config-dir DIR`` adds a
 directory of config files in front of the package's (also ``MASSEDIT_CONFIG_DIR``). Exit codes: 0 ok, 2 bad input
-(config, request file, data, model), 1 unexpected failure.
+(config, request file, data, model, a refused edit; one ``error:`` line, nothing written when found by the
+up-front validation), 1 unexpected failure (a bug; traceback on stderr and in ``run.log``), 130 / 143 stopped by
+SIGINT / SIGTERM.
 """
 from __future__ import annotations
 
@@ -105,8 +107,7 @@ def run_command(command: str, argv: Sequence[str] | None = None, prog: str | Non
         if show_cfg:
             print(to_yaml(job))
             return 0
-        _runner(command)(job)
-        return 0
+        return _run_job(command, job)
     except _known_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
@@ -120,6 +121,35 @@ def _rank_failed() -> type[BaseException]:
     from massedit.trainer import RankFailedError
 
     return RankFailedError
+
+
+def _run_job(command: str, job) -> int:
+    """Run a composed job: user errors propagate (exit 2); SIGINT/SIGTERM stop it (exit 130/143, one line);
+    any other exception is a bug: its traceback (also in the run's ``run.log``) and exit 1."""
+    import traceback
+
+    from massedit.tasks.runs import Interrupted, received_signal, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            _runner(command)(job)
+        return 0
+    except _known_errors():
+        raise
+    except (Interrupted, KeyboardInterrupt, SystemExit) as e:
+        sig = received_signal() or getattr(e, "signum", None) or (2 if isinstance(e, KeyboardInterrupt) else None)
+        if sig is None:  # a plain sys.exit() from below
+            raise
+        import signal
+
+        print(f"error: interrupted by {signal.Signals(sig).name}: files written so far are complete (every write is "
+              f"atomic); rerun with resume=true to continue", file=sys.stderr)
+        return 128 + int(sig)
+    except Exception as e:  # a bug (user errors were re-raised above)
+        traceback.print_exc()
+        print(f"error: unexpected internal error ({type(e).__name__}: {e}); this is a bug in massedit — the "
+              f"traceback is above (and in run.log when the run directory was created)", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,6 +57,27 @@ MUTATIONS = [
     ("MEND: resume restores no counters", "massedit/lightning_modules/mend.py",
      '        self.iters = int(prog.get("iters", 0))', "        pass",
      ["tests/test_lightning_eco.py::test_mend_resumes_from_ckpt_path"]),
+    # reliability (issue 15)
+    ("guard: ApplyEdit skips the finiteness / update-norm check", "massedit/callbacks/apply_edit.py",
+     "            check_update_norms(deltas, dict(", "            (lambda *a, **k: None)(deltas, dict(",
+     ["tests/test_reliability.py::test_apply_edit_refuses_bad_deltas_before_writing"]),
+    ("guard: MEMIT's z not checked before the weight is written", "massedit/editing/memit.py",
+     'check_finite(t.target, f"memit: target z', '(lambda *a, **k: None)(t.target, f"memit: target z',
+     ["tests/test_reliability.py::test_memit_nonfinite_intermediates_stop_before_any_write"]),
+    ("validation: the run directory is created before the run is validated", "massedit/tasks/edit.py",
+     "    checked = validate_job(job)  # everything checkable before the run directory exists (tasks/validate.py)\n"
+     "    requests = checked.requests\n    run = setup_run(job, run_dir=checked.run_dir)",
+     "    run = setup_run(job)\n    checked = validate_job(job)\n    requests = checked.requests",
+     ["tests/test_malformed_inputs.py::test_malformed_input[counterfact-no-subject]"]),
+    ("safe loading: the z cache unpickles its entries", "massedit/editing/target_cache.py",
+     'd = torch.load(p, map_location="cpu", weights_only=True)', 'd = torch.load(p, map_location="cpu", weights_only=False)',
+     ["tests/test_reliability.py::test_target_cache_entry_with_pickle_is_discarded"]),
+    ("cache: a statistics cache entry's checksum is not compared", "massedit/stats/cache.py",
+     'if stored is not None and stored != content_checksum({"sum": total, "count": count_t}):', "if False:",
+     ["tests/test_reliability.py::test_corrupt_stats_cache_entry_is_discarded_and_recomputed"]),
+    ("io: a killed writer's temporary file is never recognised as stale", "massedit/core/io.py",
+     "        return not _pid_alive(int(m[\"pid\"]))", "        return False",
+     ["tests/test_reliability.py::test_kill_9_during_a_checkpoint_write_leaves_no_orphan_after_the_next_run"]),
 ]
 
 

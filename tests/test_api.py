@@ -87,7 +87,8 @@ def test_edit_result_apply_revert_save_and_export_loads_with_transformers(tiny_d
     # subject at the end of the prompt: a random tiny model barely moves information between positions
     reqs = [{"prompt": "The capital of {}", "subject": "Japan", "target": "Rome"}]
     result = massedit.edit(model, tok, reqs, layers=[1, 2], clamp_norm_factor=1000.0, v_weight_decay=0.0,
-                           mom2_update_weight=0.1, stats={"n_tokens": 3000}, progress=False)
+                           mom2_update_weight=0.1, stats={"n_tokens": 3000}, progress=False,
+                           **{"edit_guard.max_relative_norm": None})  # updates ~400x the random tiny weights
     assert all(torch.equal(pristine[k], v) for k, v in model.state_dict().items())  # edit() leaves the model
     result.apply(model)
     name = "transformer.h.1.mlp.c_proj.weight"

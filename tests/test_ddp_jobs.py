@@ -211,7 +211,7 @@ def test_spawning_strategies_are_refused(tmp_path, capsys):
 def test_launch_rank_and_run_directory_handover(monkeypatch, tmp_path):
     """Rank from the launcher's environment; rank 0 picks the directory and leaves it for the ranks it launches."""
     from massedit.tasks.config import compose
-    from massedit.tasks.runs import RUN_DIR_ENV, choose_run_dir
+    from massedit.tasks.runs import RUN_DIR_ENV, hand_over_run_dir, resolve_run_dir
     from massedit.trainer import TrainerConfig, check_device_map, launch_rank
 
     for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_NTASKS", "SLURM_PROCID", RUN_DIR_ENV):
@@ -228,9 +228,9 @@ def test_launch_rank_and_run_directory_handover(monkeypatch, tmp_path):
     assert launch_rank(cfg) == 6
 
     job = compose("edit", [f"output_root={tmp_path}", "trainer.devices=2"])
-    d0 = choose_run_dir(job, rank=0, world_size=2)
+    d0 = hand_over_run_dir(resolve_run_dir(job), rank=0, world_size=2)
     assert d0.parent == tmp_path and str(d0) == __import__("os").environ[RUN_DIR_ENV]
-    assert choose_run_dir(job, rank=1, world_size=2) == d0  # a launched rank inherits it, whatever the clock says
+    assert hand_over_run_dir(tmp_path / "other-clock", rank=1, world_size=2) == d0  # a launched rank inherits it
     with pytest.raises(Exception, match="device_map"):
         check_device_map(TrainerConfig(devices=2), "auto")
     check_device_map(TrainerConfig(devices=1), "auto")

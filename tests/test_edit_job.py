@@ -55,7 +55,8 @@ def _overrides(method, root, out):
     ov = [f"method={method}", "model=hf", f"model.name_or_path={root / 'model'}", "model.name=tiny-gpt2",
           "data=user", f"data.path={root / 'facts.jsonl'}", "eval.generation=false", "eval.cache_pre=false",
           f"stats.corpus={root / 'corpus.txt'}", "stats.n_tokens=1000", f"stats.cache_dir={out.parent / 'stats'}",
-          "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=csv", f"output_dir={out}"]
+          "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=csv", f"output_dir={out}",
+          "edit_guard.max_relative_norm=null"]  # the tiny-model hparams make updates 10-1000x the random 0.02-init weights
     if method in HPARAMS:
         ov += [f"method.hparams={root / (method + '.json')}", "method.z_cache=false"]
     return ov + EXTRA.get(method, [])

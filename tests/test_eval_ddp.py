@@ -52,6 +52,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
     cmd = [sys.executable, "-m", "massedit", "eval", "model=hf", f"model.name_or_path={tmp_path / 'm'}", f"data.path={tmp_path / 'r.json'}",
            "data=counterfact", "data.format=user", "data.num_edits=null", "logger=none", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
            "trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'out'}", f"deltas={tmp_path / 'd.safetensors'}",
+           "edit_guard.max_relative_norm=null",  # a random delta ~70x the tiny model's weight
            "eval.batch_size=2", "eval.generation=false"]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -6,7 +6,8 @@
 
 At ``hook`` (default ``on_test_start``) the callback runs ``editor.edit(model, tok, requests)`` on the
 LightningModule's language model (``pl_module.model``, or the module itself when it is a transformers model),
-checks and applies the deltas, and saves them (rank 0) to ``save_path``; with ``revert_at_end`` the weights are
+checks the deltas (names, shapes, finiteness and ``‖ΔW‖ ≤ max_relative_norm·‖W‖``, :mod:`massedit.core.guards`;
+nothing is applied or saved otherwise), applies them, and saves them (rank 0) to ``save_path``; with ``revert_at_end`` the weights are
 restored bit-identically when that stage ends. Any ``Trainer`` can take it: a user's own LightningModule only needs
 a ``model`` and a ``tok``/``tokenizer`` attribute (or ``tokenizer=``).
 """
@@ -21,7 +22,9 @@ import pytorch_lightning as pl
 import torch
 
 from massedit.core.collective import agree_on_tensors, broadcast_tensors
-from massedit.core.deltas import apply_deltas, revert_deltas, save_deltas
+from massedit.core.deltas import apply_deltas, check_deltas, revert_deltas, save_deltas
+from massedit.core.guards import EditGuardConfig, check_update_norms
+from massedit.core.placement import param_storage
 from massedit.editing.editor import Editor
 from massedit.trainer import collective_for
 
@@ -45,7 +48,7 @@ class ApplyEdit(pl.Callback):
 
     def __init__(self, editor: Editor, requests: Sequence, *, hook: str = "on_test_start", tokenizer=None,
                  save_path: str | Path | None = None, metadata: Mapping[str, Any] | None = None,
-                 revert_at_end: bool = False):
+                 revert_at_end: bool = False, max_relative_norm: float | None = EditGuardConfig.max_relative_norm):
         if hook not in HOOKS:
             raise ValueError(f"hook must be one of {HOOKS}, got {hook!r}")
         self.editor = editor
@@ -54,6 +57,7 @@ class ApplyEdit(pl.Callback):
         self.save_path = Path(save_path) if save_path else None
         self.metadata = dict(metadata or {})
         self.revert_at_end = revert_at_end
+        self.max_relative_norm = max_relative_norm
         self.deltas: dict[str, torch.Tensor] | None = None
         self.seconds: float | None = None
         self.saved_to: Path | None = None
@@ -89,7 +93,10 @@ class ApplyEdit(pl.Callback):
         t0 = time.time()
         with torch.inference_mode(False), torch.enable_grad():
             deltas = self._distributed_edit(trainer, model, tok)
-            self._backup = apply_deltas(model, deltas)  # checks names and shapes first
+            check_deltas(model, deltas)  # names and shapes
+            check_update_norms(deltas, {n: param_storage(model, n) for n in deltas}, self.max_relative_norm,
+                               source=str(getattr(self.editor, "method", type(self.editor).__name__)))  # NaN/Inf, runaway
+            self._backup = apply_deltas(model, deltas)
         self.deltas, self.seconds = deltas, time.time() - t0
         if self.save_path is not None and trainer.is_global_zero:
             meta = {"method": str(getattr(self.editor, "method", type(self.editor).__name__)),

@@ -92,13 +92,64 @@ def save_deltas(path, deltas: Mapping[str, torch.Tensor], metadata: Mapping[str,
     return atomic_save_safetensors(path, {k: v.float() for k, v in deltas.items()}, metadata=meta)
 
 
+class DeltaFileError(InputError):
+    """A delta file that cannot be read or used (names the file and the tensor)."""
+
+
+def _open_error(path: Path, e: Exception) -> DeltaFileError:
+    return DeltaFileError(f"{path}: not a readable safetensors delta file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else 'truncated or corrupt'})")
+
+
 def load_deltas(path, device=None) -> Deltas:
+    """The deltas of a safetensors file (safetensors never runs code; a pickle or garbage file is refused)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"delta file not found: {path}")
-    return load_file(str(path), device=str(device) if device is not None else "cpu")
+    if path.is_dir():
+        raise DeltaFileError(f"{path}: is a directory, expected a deltas.safetensors file")
+    try:
+        return load_file(str(path), device=str(device) if device is not None else "cpu")
+    except Exception as e:  # SafetensorError, OSError, ... (safetensors raises several types)
+        raise _open_error(path, e) from None
+
+
+def check_delta_file(path, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """A delta file fits a model whose parameter shapes are ``shapes``: readable safetensors, at least one tensor,
+    every name a parameter, every shape the parameter's, floating point and finite (read one tensor at a time)."""
+    from safetensors import safe_open
+
+    from massedit.core.guards import EditGuardError, check_finite
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"delta file not found: {path}")
+    if path.is_dir():
+        raise DeltaFileError(f"{path}: is a directory, expected a deltas.safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            if not names:
+                raise DeltaFileError(f"{path}: holds no tensors")
+            for name in names:
+                if name not in shapes:
+                    raise DeltaShapeError(f"{path}: delta for unknown parameter {name!r} (made for another model?)")
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(shapes[name]):
+                    raise DeltaShapeError(f"{path}: delta {name!r} has shape {shape}, the parameter {tuple(shapes[name])}")
+                t = f.get_tensor(name)
+                if not t.is_floating_point():
+                    raise DeltaFileError(f"{path}: delta {name!r} has dtype {t.dtype}, expected floating point")
+                try:
+                    check_finite(t, f"{path}: delta {name!r}")
+                except EditGuardError as e:
+                    raise DeltaFileError(str(e)) from None
+    except InputError:
+        raise
+    except Exception as e:
+        raise _open_error(path, e) from None
 
 
 def delta_norms(deltas: Mapping[str, torch.Tensor]) -> dict[str, float]:

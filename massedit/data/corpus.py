@@ -227,6 +227,11 @@ def _expand_files(paths: Sequence[str]) -> list[Path]:
     return files
 
 
+def corpus_files(spec: "CorpusSpec") -> list[Path]:
+    """The local files a (non-hub) corpus spec reads; :class:`CorpusNotAvailableError` naming a missing one."""
+    return _expand_files(spec.corpus)
+
+
 def read_text(path: Path) -> str:
     """A corpus file's text (UTF-8; ``.xz``/``.gz`` decompressed)."""
     if path.suffix == ".xz":

@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 from massedit.core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class DataConfig:
     offset: int = 0
     skip_invalid: bool = False            # true: skip bad records (counted and logged) instead of failing
     zsre_target: str = "answers"          # zsRE: answers (reference evaluation) | alt (MEND training)
+    max_input_tokens: int | None = None   # refuse a request whose longest prompt + target exceeds this many tokens
+    #                                       (checked before the run starts); null: the model's context length
 
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:
@@ -51,6 +53,9 @@ class DataConfig:
             raise DataConfigError(f"data.offset must be >= 0, got {self.offset}")
         if self.zsre_target not in ("answers", "alt"):
             raise DataConfigError(f"data.zsre_target={self.zsre_target!r}: choose answers or alt")
+        if self.max_input_tokens is not None and int(self.max_input_tokens) < 1:
+            raise DataConfigError(f"data.max_input_tokens must be >= 1 or null (the model's context), "
+                                  f"got {self.max_input_tokens}")
 
 
 class DataConfigError(InputError):
@@ -314,11 +319,50 @@ def detect_format(rec: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------- reading
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark is dropped); unreadable files name the problem."""
+    if path.is_dir():
+        raise RequestValidationError("is a directory, not a request file (JSON, JSONL or CSV)", file=path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RequestValidationError(f"cannot read: {e.strerror or e}", file=path) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RequestValidationError(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
+                                     f"save the file as UTF-8", file=path) from None
+
+
+def _read_csv(text: str, path: Path) -> list[dict]:
+    reader = csv.DictReader(text.splitlines())
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise RequestValidationError(f"malformed CSV: {e}", file=path) from None
+    header = reader.fieldnames or []
+    if not header:
+        raise RequestValidationError("empty CSV file (no header row)", file=path)
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise RequestValidationError(f"the CSV header repeats column(s) {dup}", file=path)
+    for i, row in enumerate(rows):
+        if None in row:  # more cells than header columns
+            raise RequestValidationError(f"row has {len(header) + len(row[None])} cells, the header {len(header)} "
+                                         f"columns", file=path, index=i)
+        missing = [k for k, v in row.items() if v is None]
+        if missing:
+            raise RequestValidationError(f"row has fewer cells than the header (no value for {missing})",
+                                         file=path, index=i, field=missing[0])
+    return rows
+
+
 def _read_records(path: Path) -> list[Any]:
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        return _read_csv(text, path)
     if suffix in (".jsonl", ".ndjson"):
         rows = []
         for ln, line in enumerate(text.splitlines(), 1):
@@ -409,6 +453,7 @@ def load_requests(
     """Load, convert and validate edit requests; ``num_edits``/``offset`` select a slice of records."""
     p = resolve_path(path)
     records = _read_records(p)
+    n_total = len(records)
     if offset:
         records = records[offset:]
     if num_edits is not None and num_edits >= 0:
@@ -418,7 +463,47 @@ def load_requests(
     )
     if errors:
         log.warning("skipped %d invalid record(s) of %s; first: %s", len(errors), p, errors[0])
+    if not reqs:
+        why = (f"all {len(errors)} selected record(s) are invalid (skip_invalid)" if errors else
+               "no records" + (f" after offset {offset}" if offset else "") + f" (the file holds {n_total})")
+        raise RequestValidationError(f"no edit requests: {why}", file=p)
     return reqs
+
+
+def check_request_lengths(requests: Sequence[EditRequest], tok, limit: int, *, reserve: int = 0, file=None,
+                          limit_name: str = "data.max_input_tokens", start_index: int | None = 0) -> None:
+    """Refuse a request whose longest model input (a prompt filled with the subject, plus the longest target)
+    would exceed ``limit`` tokens, ``reserve`` tokens kept free (e.g. for an editor's context-template prefix).
+
+    Texts whose UTF-8 length alone keeps them under the limit are not tokenised (a token is >= 1 byte), so
+    checking a large request file costs little. ``start_index``: the record index of ``requests[0]`` in the file
+    (None: unknown, e.g. after skipped records)."""
+    budget = int(limit) - int(reserve)
+    specials = 4  # BOS / a dummy prefix, generously
+    for pos, req in enumerate(requests):
+        targets = [t for t in (req.target_new, req.target_true, req.loc_ans, *req.neighborhood_targets) if t]
+        fields: list[tuple[str, str]] = [("prompt", req.filled_prompt)]
+        fields += [(f"paraphrase_prompts[{i}]", p) for i, p in enumerate(req.paraphrase_prompts)]
+        fields += [(f"neighborhood_prompts[{i}]", p) for i, p in enumerate(req.neighborhood_prompts)]
+        fields += [(f"attribute_prompts[{i}]", p) for i, p in enumerate(req.attribute_prompts)]
+        fields += [(f"generation_prompts[{i}]", p) for i, p in enumerate(req.generation_prompts)]
+        if req.loc:
+            fields.append(("loc", req.loc))
+        t_bytes = max((len(t.encode("utf-8")) for t in targets), default=0) + 1
+        t_tokens = None
+        for name, text in fields:
+            if len(text.encode("utf-8")) + t_bytes + specials <= budget:
+                continue
+            if t_tokens is None:
+                t_tokens = max((len(tok(" " + t, add_special_tokens=False)["input_ids"]) for t in targets), default=0)
+            n = len(tok(text)["input_ids"]) + t_tokens
+            if n > budget:
+                fld = "subject" if name == "prompt" and len(req.subject) > len(req.prompt) else name
+                extra = f" + {reserve} reserved for the editor's context prefix" if reserve else ""
+                raise RequestValidationError(
+                    f"input of {n} tokens (text + longest target){extra} exceeds the limit of {limit} tokens "
+                    f"({limit_name}); shorten it or raise the limit", file=file,
+                    index=None if start_index is None else start_index + pos, case_id=req.case_id, field=fld)
 
 
 def load_requests_from_config(cfg: DataConfig) -> list[EditRequest]:

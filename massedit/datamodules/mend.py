@@ -57,12 +57,13 @@ def make_examples(requests: Sequence[EditRequest], seed: int = 0) -> list[MendEx
     rng = random.Random(seed)
     pools = [locality_texts(r) for r in requests]
     if len(requests) < 2:
-        raise ValueError("MEND training needs at least 2 requests (locality comes from other records)")
+        raise RequestValidationError("MEND training needs at least 2 requests (locality comes from other records)")
+    with_loc = [j for j, p in enumerate(pools) if p]
     out = []
     for i, r in enumerate(requests):
-        if not pools[i] and not any(pools):
-            raise RequestValidationError("no locality input (zsRE loc/loc_ans or CounterFact neighborhood_prompts)",
-                                         case_id=r.case_id, field="loc")
+        if not [j for j in with_loc if j != i]:
+            raise RequestValidationError("no locality input in any other record (zsRE loc/loc_ans or CounterFact "
+                                         "neighborhood_prompts)", case_id=r.case_id, field="loc")
         j = i
         while j == i or not pools[j]:
             j = rng.randrange(len(requests))
@@ -111,7 +112,9 @@ def load_training_requests(data_cfg: DataConfig, train_cfg: MendTrainConfig) -> 
                                    zsre_target=data_cfg.zsre_target)
     n_val = max(2, int(round(len(reqs) * float(train_cfg.val_fraction))))
     if len(reqs) - n_val < 2:
-        raise ValueError(f"{len(reqs)} requests are too few to split off {n_val} for validation")
+        raise RequestValidationError(f"{len(reqs)} requests are too few to split off {n_val} for validation "
+                                     f"(method.train.val_fraction={train_cfg.val_fraction}); give more, or "
+                                     f"method.train.val_path", file=data_cfg.path)
     return reqs[:-n_val], reqs[-n_val:]
 
 

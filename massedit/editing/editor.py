@@ -19,6 +19,7 @@ import torch
 
 from massedit.core.collective import Collective, is_distributed
 from massedit.core.deltas import Deltas
+from massedit.core.guards import check_second_moment
 from massedit.editing.context_templates import sample_memit_templates, sample_rome_templates
 from massedit.editing.hparams import EditHparams
 from massedit.editing.target_cache import TargetCache
@@ -119,4 +120,9 @@ class RomeMemitEditor:
         if missing:
             raise RuntimeError(f"statistics provider returned no C for layers {missing}")
         self.info["stats_seconds"] = round(time.time() - t0, 2)
+        from massedit.core.adapters import get_adapter
+
+        m = get_adapter(model).mlp_inner_size
+        for l in layers:  # square (m x m) and finite before any solve reads it
+            check_second_moment(C[int(l)], f"{self.method}: statistics C of layer {int(l)}", size=m)
         return {int(l): C[int(l)] for l in layers}

@@ -25,6 +25,7 @@ from massedit.core.adapters import get_adapter
 from massedit.core.collective import Collective, balanced_shards, gather_by_index, gather_columns, is_distributed
 from massedit.core.deltas import Deltas
 from massedit.core.placement import param_storage
+from massedit.core.guards import EditGuardError, check_finite
 from massedit.core.models import model_fingerprint
 from massedit.editing.context_templates import as_groups, flatten
 from massedit.editing.hparams import EditHparams
@@ -34,6 +35,8 @@ from massedit.editing.target_cache import TargetCache
 from massedit.editing.targets import TargetResult, build_target_problem, optimise_targets, summarize_results
 
 log = logging.getLogger(__name__)
+
+_Z_HINT = "the target optimisation diverged: lower method.v_lr, or check the model / cache"
 
 
 def memit_solve(K: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
@@ -177,6 +180,8 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
     if targets is None:
         targets = compute_targets(model, tok, requests, hp, flat, cache=cache, progress=progress, collective=collective,
                                   shards=shards, timing=timing)
+    for t in targets:  # before any weight is written
+        check_finite(t.target, f"memit: target z of request case_id={t.case_id}", hint=_Z_HINT)
     solver = torch.device(hp.solver_device) if getattr(hp, "solver_device", None) else device
     Z = torch.stack([t.target for t in targets], dim=1).to(solver)  # [d, N]
     originals = {l: adapter.rewrite_weight(l).detach().clone() for l in layers}
@@ -186,9 +191,16 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
         K, H = keys_and_hidden(model, tok, adapter, l, L, requests, groups, hp.fact_token, collective, shards, timing)
         K, H = K.to(solver), H.to(solver)  # [m, N], [d, N]
         E = Z - H
+        check_finite(K, f"memit: keys K of layer {l}", hint="the model's weights or inputs hold NaN/Inf")
         t0, c0 = time.perf_counter(), time.process_time()
-        A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
+        try:
+            A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
+        except torch.linalg.LinAlgError as e:
+            raise EditGuardError(f"memit: λC + KKᵀ of layer {l} is singular ({e}); check the statistics") from None
         _add_times(timing, "solve", t0, c0)
+        check_finite(A, f"memit: solve (λC + KKᵀ)⁻¹K of layer {l} (λ=method.mom2_update_weight="
+                     f"{hp.mom2_update_weight})", hint="C is singular or corrupt: check the statistics")
+        check_finite(upd, f"memit: update ΔW of layer {l}")
         w = adapter.rewrite_weight(l)
         upd_param = adapter.to_param_layout(upd).float()
         with torch.no_grad():

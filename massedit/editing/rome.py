@@ -17,6 +17,7 @@ import torch
 
 from massedit.core.adapters import ArchAdapter, get_adapter
 from massedit.core.deltas import Deltas
+from massedit.core.guards import EditGuardError, check_finite
 from massedit.editing.context_templates import flatten
 from massedit.editing.hparams import EditHparams
 from massedit.editing.keys import bare_prompt_io, rome_key
@@ -28,7 +29,10 @@ log = logging.getLogger(__name__)
 
 def inverse_second_moment(C: torch.Tensor) -> torch.Tensor:
     """``C^-1`` as the reference forms it: ``torch.inverse`` in float32 (§1.1, §6.1)."""
-    return torch.inverse(C.float())
+    try:
+        return torch.inverse(C.float())
+    except torch.linalg.LinAlgError as e:
+        raise EditGuardError(f"rome: the second moment C is singular ({e}); check the statistics") from None
 
 
 def left_vector(k_star: torch.Tensor, C_inv: torch.Tensor | None) -> torch.Tensor:
@@ -61,10 +65,13 @@ def rome_request_update(model, tok, request, layer: int, hp: EditHparams, templa
                            nll_block=None, batched=False, progress=progress, desc=f"rome v* {request.case_id}",
                            prefix_block=layer - 1 if layer > 0 else None)[0]
     v_star = res.target.to(device)
+    what = f"rome: request case_id={request.case_id}, layer {layer}"
+    check_finite(u, f"{what}: key direction u = C⁻¹k*/‖C⁻¹k*‖", hint="C is singular or corrupt: check the statistics")
+    check_finite(v_star, f"{what}: target value v*", hint="the target optimisation diverged: lower method.v_lr")
     k0, o0 = bare_prompt_io(model, tok, adapter.rewrite_name(layer), [request], hp.fact_token)
     k0, o0 = k0[0].to(device), o0[0].to(device)
     r = right_vector(v_star, o0, u, k0)
-    upd = rank_one_update(u, r)
+    upd = check_finite(rank_one_update(u, r), f"{what}: update ΔW = r uᵀ (u·k0 = {float(torch.dot(k0, u)):.3g})")
     inter = {
         "case_id": request.case_id, "layer": layer, "k_star": k_star.cpu(), "u": u.cpu(), "v0": res.init,
         "delta": res.delta, "v_star": v_star.cpu(), "k0": k0.cpu(), "o0": o0.cpu(),
@@ -97,7 +104,8 @@ def apply_rome(model, tok, requests, hp: EditHparams, templates: Sequence[str], 
     if hp.mom2_adjustment:
         if C_by_layer is None:
             raise ValueError("ROME with mom2_adjustment needs second-moment statistics")
-        C_inv = {l: inverse_second_moment(C_by_layer[l]) for l in layers}
+        C_inv = {l: check_finite(inverse_second_moment(C_by_layer[l]), f"rome: C⁻¹ of layer {l}",
+                                 hint="C is singular or corrupt: check the statistics") for l in layers}
     inters: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []
     from massedit.core.progress import progress_bar

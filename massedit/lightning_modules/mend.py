@@ -31,10 +31,22 @@ log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written atomically through :func:`massedit.core.io.atomic_torch_save`."""
+    """Lightning checkpoints written atomically through :func:`massedit.core.io.atomic_torch_save` and read
+    back with ``weights_only=True`` always (``ckpt_path`` is user input: a pickled object is refused, never run)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         atomic_torch_save(path, checkpoint)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        from massedit.editing.mend.editor import MendCheckpointError
+
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # UnpicklingError (refused object), truncated / foreign file
+            raise MendCheckpointError(f"ckpt_path: {path} is not a loadable Lightning checkpoint ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 class MendModule(pl.LightningModule):

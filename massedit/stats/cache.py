@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from massedit.core.io import atomic_save_safetensors, stable_hash
+from massedit.core.io import atomic_save_safetensors, content_checksum, stable_hash
 from massedit.core.placement import read_tensor
 
 log = logging.getLogger(__name__)
@@ -160,19 +160,42 @@ def cache_path(cache_dir, model_name: str, ds_name: str, module: str, acc_dtype:
 
 
 def save_stats_file(path, total: torch.Tensor, count: int, meta: dict[str, Any]) -> Path:
-    """Write ``sum`` and ``count`` (+ JSON metadata) atomically."""
+    """Write ``sum`` and ``count`` (+ JSON metadata and the sha256 of both tensors) atomically."""
+    tensors = {"sum": total.detach().cpu().contiguous(), "count": torch.tensor([int(count)], dtype=torch.int64)}
     return atomic_save_safetensors(
-        path, {"sum": total.detach().cpu().contiguous(), "count": torch.tensor([int(count)], dtype=torch.int64)},
-        metadata={"massedit_stats": json.dumps(meta, sort_keys=True, default=str)},
+        path, tensors,
+        metadata={"massedit_stats": json.dumps(meta, sort_keys=True, default=str), "sha256": content_checksum(tensors)},
     )
 
 
-def load_stats_file(path) -> tuple[torch.Tensor, int, dict]:
-    """``(sum, count, metadata)`` from a file written by :func:`save_stats_file`."""
+class CorruptStatsFile(ValueError):
+    """A statistics cache file that fails verification (unreadable, checksum, shape, count or NaN/Inf)."""
+
+
+def load_stats_file(path, expect_key: str | None = None, expect_size: int | None = None) -> tuple[torch.Tensor, int, dict]:
+    """``(sum, count, metadata)`` from a file written by :func:`save_stats_file`, verified: readable, the stored
+    sha256 matches (files written before checksums: skipped), ``count`` > 0, ``sum`` square (``expect_size``) and
+    finite, and the metadata's cache key ``expect_key``. Raises :class:`CorruptStatsFile` otherwise."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("massedit_stats", "{}"))
-        total = f.get_tensor("sum")
-        count = int(f.get_tensor("count").item())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            meta = json.loads(raw.get("massedit_stats", "{}"))
+            total = f.get_tensor("sum")
+            count_t = f.get_tensor("count")
+    except Exception as e:  # SafetensorError (truncated / garbage), JSON, missing tensor
+        raise CorruptStatsFile(f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    stored = raw.get("sha256")
+    if stored is not None and stored != content_checksum({"sum": total, "count": count_t}):
+        raise CorruptStatsFile("checksum mismatch (the file changed after it was written)")
+    count = int(count_t.reshape(-1)[0].item()) if count_t.numel() == 1 else -1
+    if count <= 0:
+        raise CorruptStatsFile(f"count must be one positive integer, got {count_t.tolist()}")
+    if total.dim() != 2 or total.shape[0] != total.shape[1] or (expect_size is not None and total.shape[0] != expect_size):
+        raise CorruptStatsFile(f"sum has shape {tuple(total.shape)}, expected ({expect_size}, {expect_size})")
+    if not bool(torch.isfinite(total).all()):
+        raise CorruptStatsFile("sum holds NaN/Inf values")
+    if expect_key is not None and meta.get("key") not in (None, expect_key):
+        raise CorruptStatsFile(f"its key {meta.get('key')!r} is not the expected {expect_key!r}")
     return total, count, meta

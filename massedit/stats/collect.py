@@ -24,12 +24,12 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from massedit.core.adapters import get_adapter
-from massedit.core.io import atomic_torch_save, stable_hash
+from massedit.core.io import atomic_torch_save, clean_stale_tmp, content_checksum, stable_hash
 from massedit.data.corpus import Corpus, CorpusSpec, TokenBatches, build_token_batches, load_corpus
 from massedit.stats import cache as cache_mod
 from massedit.stats.config import StatsConfig, StatsConfigError
 from massedit.stats.moments import MomentState, Progress, collect_second_moments, second_moment
-from massedit.stats.reference import find_reference_stats, load_reference_stats
+from massedit.stats.reference import ReferenceStatsError, find_reference_stats, load_reference_stats
 
 log = logging.getLogger("massedit.stats")
 
@@ -96,8 +96,14 @@ class CollectionJob:
         except Exception as e:  # corrupt / foreign file: start over
             log.warning("ignoring unreadable partial statistics %s (%s)", path, e)
             return None
-        if (d.get("runkey") != self.runkey or sorted(d["state"]["sums"]) != sorted(self.modules)
-                or int(d["state"].get("extra", {}).get("blocks", 1)) != self.blocks):
+        try:
+            if (d.get("runkey") != self.runkey or sorted(d["state"]["sums"]) != sorted(self.modules)
+                    or int(d["state"].get("extra", {}).get("blocks", 1)) != self.blocks):
+                return None
+            if "sha256" in d and d["sha256"] != content_checksum(d["state"]):
+                raise ValueError("checksum mismatch")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            log.warning("discarding corrupt partial statistics %s (%s); starting over", path, e)
             return None
         state = MomentState.from_dict(d["state"], device)
         log.info("resuming statistics from %s: %d batches, %d tokens already done", path, state.batches_done, state.count)
@@ -106,7 +112,8 @@ class CollectionJob:
     def save_partial(self, state: MomentState, rank: int, world: int) -> None:
         path = self.partial_path(rank, world)
         if path is not None:
-            atomic_torch_save(path, {"runkey": self.runkey, "state": state.to_dict()})
+            st = state.to_dict()
+            atomic_torch_save(path, {"runkey": self.runkey, "state": st, "sha256": content_checksum(st)})
 
     def clear_partials(self, world: int) -> None:
         for r in range(world):
@@ -244,7 +251,9 @@ def collect_layer_stats(
             total, count = load_reference_stats(path)
             m = a.mlp_inner_size
             if tuple(total.shape) != (m, m):
-                raise ValueError(f"{path}: mom2.mom2 has shape {tuple(total.shape)}, expected ({m}, {m}) for {module}")
+                raise ReferenceStatsError(f"{path}: mom2.mom2 has shape {tuple(total.shape)}, expected ({m}, {m}) for {module}")
+            if not bool(torch.isfinite(total).all()):
+                raise ReferenceStatsError(f"{path}: mom2.mom2 holds NaN/Inf values")
             log.info("layer %d (%s): using reference statistics %s (N=%d)", layer, module, path, count)
             out[layer] = LayerStats(layer, module, total, count, "reference", str(path))
         if len(out) == len(layers):
@@ -257,9 +266,13 @@ def collect_layer_stats(
     paths = {layer: cache_mod.cache_path(cache_dir, name, corpus.ds_name, a.rewrite_name(layer), s.acc_dtype_name,
                                          keys[layer][0]) for layer in todo}
     missing = []
+    if s.cache:
+        clean_stale_tmp(cache_dir / cache_mod.sanitize(name))  # writes a killed run left behind
+        clean_stale_tmp(cache_dir / "partial")
     for layer in todo:
-        if s.cache and paths[layer].exists():
-            total, count, meta = cache_mod.load_stats_file(paths[layer])
+        hit = _load_cached(paths[layer], keys[layer][0], a.mlp_inner_size) if s.cache and paths[layer].exists() else None
+        if hit is not None:
+            total, count, meta = hit
             log.info("layer %d (%s): cache hit %s (N=%d)", layer, a.rewrite_name(layer), paths[layer], count)
             out[layer] = LayerStats(layer, a.rewrite_name(layer), total, count, "cache", str(paths[layer]),
                                     keys[layer][0], keys[layer][1], meta)
@@ -323,6 +336,20 @@ def _collected(state, module: str, path: str, meta: dict) -> tuple[torch.Tensor,
     if Path(path).exists() or not isinstance(state, MomentState):
         return cache_mod.load_stats_file(path)
     return state.full_sums()[module].cpu(), int(state.count), dict(meta, count=int(state.count))
+
+
+def _load_cached(path: Path, key: str, m: int):
+    """A verified cache entry ``(sum, count, meta)``, or None after discarding a corrupt one (logged: it is
+    recomputed)."""
+    try:
+        return cache_mod.load_stats_file(path, expect_key=key, expect_size=m)
+    except cache_mod.CorruptStatsFile as e:
+        log.warning("discarding corrupt statistics cache entry %s (%s); recomputing it", path, e)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
 
 
 def get_second_moments(model, tok, layers: list[int], stats_cfg: Any = None, *, model_name: str | None = None,

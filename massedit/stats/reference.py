@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from massedit.core.errors import InputError
+
 
 def reference_stats_path(root, model_name: str, ds_name: str, module: str, n_samples: int, precision: str = "float32") -> Path:
     return Path(root) / model_name.replace("/", "_") / f"{ds_name}_stats" / f"{module}_{precision}_mom2_{n_samples}.npz"
@@ -23,22 +25,51 @@ def find_reference_stats(root, module: str) -> Path | None:
     return hits[0] if hits else None
 
 
+class ReferenceStatsError(InputError):
+    """A reference statistics file that cannot be used (names the file and the key)."""
+
+
+def _read_npz(path) -> tuple[np.ndarray, int]:
+    """``(mom2.mom2, mom2.count)`` of a reference npz file; never unpickles (``allow_pickle=False``): a file with
+    object arrays is refused."""
+    import zipfile
+
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):
+            raise ReferenceStatsError(f"{path}: not an npz archive (a single .npy array)")
+        with z:
+            missing = [k for k in ("mom2.mom2", "mom2.count") if k not in z.files]
+            if missing:
+                raise ReferenceStatsError(f"{path}: no {missing} (keys: {sorted(z.files)}); not a reference "
+                                          f"second-moment file")
+            mom2 = np.asarray(z["mom2.mom2"])
+            count_arr = np.asarray(z["mom2.count"])
+    except ReferenceStatsError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:  # pickles, truncation, garbage
+        raise ReferenceStatsError(f"{path}: not a readable reference statistics npz ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]})") from None
+    if mom2.dtype.kind != "f" or mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1]:
+        raise ReferenceStatsError(f"{path}: mom2.mom2 must be a square float matrix, got {mom2.dtype} {mom2.shape}")
+    if count_arr.size != 1 or count_arr.dtype.kind not in "iuf":
+        raise ReferenceStatsError(f"{path}: mom2.count must be one number, got {count_arr.dtype} {count_arr.shape}")
+    count = count_arr.item()
+    if not float(count) > 0 or float(count) != int(count):
+        raise ReferenceStatsError(f"{path}: mom2.count must be a positive integer, got {count}")
+    return mom2, int(count)
+
+
 def load_reference_stats(path) -> tuple[torch.Tensor, int]:
     """``(sum Σ k kᵀ as float64 tensor, token count)`` from a reference npz file."""
-    with np.load(path, allow_pickle=False) as z:
-        mom2 = torch.from_numpy(np.asarray(z["mom2.mom2"], dtype=np.float64))
-        count = int(np.asarray(z["mom2.count"]).item())
-    if count <= 0:
-        raise ValueError(f"{path}: mom2.count must be positive, got {count}")
-    return mom2, count
+    mom2, count = _read_npz(path)
+    return torch.from_numpy(np.asarray(mom2, dtype=np.float64)), count
 
 
 def load_reference_second_moment(path, dtype=torch.float32) -> torch.Tensor:
     """``C = mom2.mom2 / mom2.count`` as the reference computes it (in float32 by default)."""
-    with np.load(path, allow_pickle=False) as z:
-        mom2 = torch.from_numpy(np.asarray(z["mom2.mom2"]))
-        count = int(np.asarray(z["mom2.count"]).item())
-    return (mom2.to(dtype) / count)
+    mom2, count = _read_npz(path)
+    return (torch.from_numpy(mom2).to(dtype) / count)
 
 
 # ---------------------------------------------------------------------------------------------------

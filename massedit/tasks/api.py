@@ -268,6 +268,12 @@ def edit(model, tok, requests: Any, method: str = "memit", *, config_dir: Sequen
     job = compose_for_model(model, method, overrides, config_dir)
     editor = build_editor(job, progress=progress)
     deltas = editor.edit(model, tok, reqs)
+    from massedit.core.deltas import check_deltas
+    from massedit.core.guards import check_update_norms
+
+    check_deltas(model, deltas)  # names/shapes, NaN/Inf and edit_guard.max_relative_norm: a broken edit is an error,
+    check_update_norms(deltas, dict(model.named_parameters(remove_duplicate=False)),  # never a result to apply
+                       job.edit_guard.max_relative_norm, source=job.method.name)
     hp = as_dict(job)["method"]
     return EditResult(deltas=deltas, info=dict(getattr(editor, "info", {}) or {}), requests=reqs, method=job.method.name,
                       hparams=hp, base_model=base_model_info(model, revision=job.model.revision), job=job)

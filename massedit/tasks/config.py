@@ -23,6 +23,8 @@ can add options (``DIR/model/my-model.yaml``) or shadow shipped ones by name.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import os
 import re
@@ -33,6 +35,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from massedit.core.guards import EditGuardConfig
 from massedit.core.models import ModelConfig
 from massedit.data.requests import DataConfig
 from massedit.editing.ft import FTConfig
@@ -80,6 +83,10 @@ class JobConfig:
     output_root: str = "outputs"       # run directories go below this (relative: to the working directory)
     output_dir: str | None = None      # this run's directory (default: <output_root>/<run_name>)
     save_deltas: bool = True
+    resume: bool = False               # output_dir holds this run already: continue it (same config; caches keep
+    #                                    finished work; implied by ckpt_path, e.g. MEND ckpt_path=last). Else refused
+    overwrite: bool = False            # output_dir holds an earlier run: delete its files and start afresh
+    edit_guard: EditGuardConfig = field(default_factory=EditGuardConfig)  # NaN/Inf and runaway-update checks
     log_level: str = "INFO"
     choices: dict[str, Any] = field(default_factory=dict)     # bookkeeping: the option chosen per group
     overrides: list[str] = field(default_factory=list)        # bookkeeping: the command line
@@ -326,7 +333,7 @@ def _group_node(group: str, option: str | None, dirs: Sequence[Path]) -> DictCon
         if schema is None:
             raise ConfigError(f"unknown config group {group!r}")
     try:
-        node = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        node = OmegaConf.merge(_structured_template(schema), raw)  # merge copies its first argument
     except (ConfigKeyError, ValidationError) as e:
         raise ConfigError(f"configs/{group}/{option}.yaml: {_first_line(e)}") from None
     for key in OmegaConf.missing_keys(raw):  # `key: ???` in the file: required, even where the schema has a default
@@ -338,6 +345,17 @@ _GROUP_SCHEMAS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "ev
                                    "trainer": TrainerConfig, "logger": LoggerConfig}
 
 
+@functools.lru_cache(maxsize=None)
+def _structured_template(schema: type) -> DictConfig:
+    return OmegaConf.structured(schema)
+
+
+def _structured(schema: type) -> DictConfig:
+    """``OmegaConf.structured(schema)`` (a fresh copy of a node built once per schema: building reads the
+    dataclass' fields and types, most of a compose's time)."""
+    return copy.deepcopy(_structured_template(schema))
+
+
 def _first_line(e: Exception) -> str:
     msg = str(e).splitlines()
     full_key = next((ln.split(":", 1)[1].strip() for ln in msg if ln.strip().startswith("full_key:")), None)
@@ -346,7 +364,7 @@ def _first_line(e: Exception) -> str:
 
 def _assemble(entry: str, root: DictConfig, choice: dict[str, str | None], dirs: Sequence[Path],
               method_patch: dict | None, stats_patch: dict | None, pairs: list[tuple[str, str]]) -> DictConfig:
-    cfg = OmegaConf.structured(JOB_SCHEMAS[entry])
+    cfg = _structured(JOB_SCHEMAS[entry])
     for g, o in choice.items():
         node = _group_node(g, o, dirs)
         if node is not None:

@@ -1,6 +1,7 @@
 """The main job (``massedit edit`` / ``edit.py``): edit a model and evaluate it before and after, as one Lightning run.
 
-1. the whole config and the request file are validated (nothing is loaded before);
+1. the whole run is validated before anything is written: config, request file, every file the config names, the
+   model's config/tokenizer and the method's layers against it (:mod:`massedit.tasks.validate`);
 2. the run directory, its ``config.yaml``, ``run.log`` and the logger are set up;
 3. one Trainer is built from ``trainer.*`` (:func:`massedit.trainer.build_trainer`); the model is loaded and placed
    on its device;
@@ -21,7 +22,6 @@ from massedit.callbacks.apply_edit import ApplyEdit
 from massedit.core.deltas import delta_norms
 from massedit.core.io import atomic_write_json
 from massedit.core.models import load_model_and_tokenizer
-from massedit.data.requests import load_requests_from_config
 from massedit.editing.context_templates import save_context_templates
 from massedit.editing.editor import RomeMemitEditor, SavedDeltasEditor
 from massedit.lightning_modules.stats import LightningStatsEngine
@@ -29,6 +29,7 @@ from massedit.tasks.evaluate import (eval_job, eval_results, evaluation_componen
                                      pre_eval_cache_path, report, save_cached_result)
 from massedit.tasks.methods import build_editor, log_memory_estimate, stats_provider
 from massedit.tasks.runs import setup_run
+from massedit.tasks.validate import validate_job
 from massedit.trainer import (build_trainer, check_device_map, finish_ranks, place_model, rank0_value,
                               require_script_launch, start_ranks)
 
@@ -41,8 +42,9 @@ def edit_job(job) -> dict[str, Any]:
     """Run the job described by ``job`` (an :class:`~massedit.tasks.config.EditJobConfig`, or a train job of FT)."""
     require_script_launch(job.trainer, f"massedit {getattr(job, 'mode', 'edit')}")
     check_device_map(job.trainer, job.model.device_map)
-    requests = load_requests_from_config(job.data)
-    run = setup_run(job)
+    checked = validate_job(job)  # everything checkable before the run directory exists (tasks/validate.py)
+    requests = checked.requests
+    run = setup_run(job, run_dir=checked.run_dir)
     trainer, failed = None, True
     try:
         log.info("%d edit requests from %s", len(requests), job.data.path)
@@ -87,7 +89,8 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
         editor.prefetch_stats(model, tok)  # Trainer.predict now: it cannot run inside the test stage below
     save_path = run.dir / "deltas.safetensors" if job.save_deltas else None
     apply = ApplyEdit(editor, requests, save_path=save_path,
-                      metadata={"model": job.model.name_or_path, "method": job.method.name})
+                      metadata={"model": job.model.name_or_path, "method": job.method.name},
+                      max_relative_norm=job.edit_guard.max_relative_norm)
     trainer.callbacks.append(apply)
     t0 = time.time()
     post = None

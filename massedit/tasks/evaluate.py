@@ -9,11 +9,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from massedit.core.io import atomic_write_json, load_json, stable_hash
+from massedit.core.io import _json_default, atomic_write_json, clean_stale_tmp, load_json, stable_hash
 from massedit.core.models import default_cache_dir, model_fingerprint
 from massedit.core.tokenization import prepare_tokenizer
 from massedit.datamodules.evaluation import EvaluationDataModule, detect_kind
@@ -86,20 +87,36 @@ def pre_eval_cache_path(model, requests: Sequence[Any], cfg: EvalConfig) -> Path
     return default_cache_dir() / "eval" / f"{key}.json"
 
 
+EVAL_CACHE_FORMAT = "massedit-eval-cache-v2"
+
+
 def load_cached_result(path: Path) -> EvalResult | None:
+    """The cached result at ``path`` if it verifies (format, sha256 of its content), else None: a bad or older
+    entry is discarded with a warning and the evaluation runs again."""
+    clean_stale_tmp(path.parent, recursive=False)
     if not path.is_file():
         return None
     try:
-        res = EvalResult(**load_json(path))
-    except Exception as e:  # unreadable / older layout: evaluate again
-        log.warning("ignoring unreadable cached evaluation %s (%s)", path, e)
+        d = load_json(path)
+        if not isinstance(d, dict) or d.get("format") != EVAL_CACHE_FORMAT:
+            raise ValueError("older or foreign layout")
+        if d.get("sha256") != stable_hash(d.get("result"), n=64):
+            raise ValueError("checksum mismatch")
+        res = EvalResult(**d["result"])
+    except Exception as e:  # unreadable / corrupt / older layout: evaluate again
+        log.warning("discarding unreadable cached evaluation %s (%s: %s); evaluating again", path, type(e).__name__, e)
+        try:
+            path.unlink()
+        except OSError:
+            pass
         return None
     log.info("pre-edit metrics from cache %s", path)
     return res
 
 
 def save_cached_result(path: Path, res: EvalResult) -> None:
-    atomic_write_json(path, dataclasses.asdict(res))
+    result = json.loads(json.dumps(dataclasses.asdict(res), default=_json_default))  # what load_json gives back
+    atomic_write_json(path, {"format": EVAL_CACHE_FORMAT, "sha256": stable_hash(result, n=64), "result": result})
 
 
 # ------------------------------------------------------------------------------------------------ reports
@@ -125,12 +142,16 @@ def eval_results(pre: EvalResult | None, post: EvalResult | None) -> dict[str, d
 
 def eval_job(job, run, trainer, model, tok, requests) -> dict[str, Any]:
     """``mode=eval``: the model as loaded (stage ``pre``), or before (``eval.pre``) and after a saved delta file."""
-    from massedit.core.deltas import apply_deltas, load_deltas
+    from massedit.core.deltas import apply_deltas, check_deltas, load_deltas
+    from massedit.core.guards import check_update_norms
 
     module, dm = evaluation_components(model, tok, requests, job.eval)
     pre = post = None
     if job.deltas:
         deltas = load_deltas(Path(job.deltas).expanduser())
+        check_deltas(model, deltas)
+        check_update_norms(deltas, dict(model.named_parameters(remove_duplicate=False)),
+                           job.edit_guard.max_relative_norm, source=str(job.deltas))  # before the weights change
         if job.eval.pre:
             pre = evaluation_stage(trainer, module, dm, "pre")
         apply_deltas(model, deltas)

@@ -100,6 +100,9 @@ def export_hf(model, tok, out_dir: str | Path, manifest: Mapping[str, Any]) -> P
     _check_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    from massedit.core.io import umask_mode
+
+    os.chmod(tmp, umask_mode(0o777))  # mkdtemp creates 0700: the exported model follows the umask like every file
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

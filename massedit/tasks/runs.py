@@ -203,9 +203,10 @@ class Run:
         return False
 
     def finish(self) -> None:
+        status = self._record_exit()
         if self.logger is not None:
             try:
-                self.logger.finalize("success")
+                self.logger.finalize(status)
             except Exception:  # pragma: no cover - logger teardown must not fail a finished run
                 pass
             exp = getattr(self.logger, "_experiment", None)
@@ -215,13 +216,52 @@ class Run:
             logging.getLogger().removeHandler(self._file_handler)
             self._file_handler.close()
 
+    def _record_exit(self) -> str:
+        """Called by :meth:`finish` from the job's ``finally``: when an exception is on its way out, write what
+        happened to ``run.log`` (a user error's one line, an interruption, or an unexpected error's full
+        traceback — only to the file: the command line prints its own one line); ``"success"``/``"failed"``."""
+        exc = sys.exc_info()[1]
+        if exc is None:
+            return "success"
+        if self._file_handler is not None:
+            from massedit.core.errors import InputError
+
+            if isinstance(exc, InputError):
+                rec = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (exc,), None)
+            elif isinstance(exc, (Interrupted, KeyboardInterrupt, SystemExit)):
+                rec = log.makeRecord(log.name, logging.ERROR, __file__, 0, "interrupted (%s): the files written so far "
+                                     "are complete (atomic writes); rerun with resume=true to continue",
+                                     (received_signal_name() or type(exc).__name__,), None)
+            else:
+                rec = log.makeRecord(log.name, logging.ERROR, __file__, 0, "unexpected error (a bug in massedit: "
+                                     "please report it with this traceback)", (), sys.exc_info())
+            try:
+                self._file_handler.handle(rec)
+                self._file_handler.flush()
+            except Exception:  # pragma: no cover - a full disk must not hide the original error
+                pass
+        return "failed"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stderr`` is at the time of each record (not the object it was when the
+    handler was made: in-process runs under a test runner or a notebook replace and close it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
 
 def configure_logging(level: str | int = "INFO", rank: int = 0) -> None:
     """Log to stderr at ``level``. Ranks other than 0 only log errors, prefixed ``[rank N]``: rank 0 tells the story
     of the job once (every rank runs the same steps, so their info and warnings would repeat rank 0's)."""
     root = logging.getLogger()
     if not any(getattr(h, "_massedit", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         prefix = f"[rank {rank}] " if rank else ""
         h.setFormatter(logging.Formatter(prefix + "[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S"))
         h._massedit = True  # type: ignore[attr-defined]
@@ -238,13 +278,16 @@ def configure_logging(level: str | int = "INFO", rank: int = 0) -> None:
     root.setLevel(level)
 
 
-def choose_run_dir(job, rank: int = 0, world_size: int = 1) -> Path:
-    """The run directory: rank 0 picks it (``output_dir``, else ``<output_root>/<run_name or method-timestamp>``)
-    and, with several ranks, leaves it in ``$MASSEDIT_RUN_DIR`` for the ranks Lightning's launcher starts later
-    (they re-run the command and inherit rank 0's environment); those ranks take it from there."""
-    inherited = os.environ.get(RUN_DIR_ENV) if rank > 0 else None
-    run_dir = Path(inherited or job.output_dir or default_run_dir(job)).expanduser().resolve()
-    if rank == 0 and world_size > 1:
+def hand_over_run_dir(run_dir: Path, rank: int = 0, world_size: int = 1) -> Path:
+    """One directory for all ranks: rank 0's choice (``output_dir``, else ``<output_root>/<run_name or
+    method-timestamp>``) is left in ``$MASSEDIT_RUN_DIR`` for the ranks Lightning's launcher starts later (they
+    re-run the command and inherit rank 0's environment, whatever their clock says); those ranks take it from there.
+    Ranks of an external launcher (torchrun, srun) get it by broadcast once the ranks are up
+    (:meth:`Run.adopt_rank0_dir`)."""
+    if rank > 0:
+        inherited = os.environ.get(RUN_DIR_ENV)
+        return Path(inherited) if inherited else run_dir
+    if world_size > 1:
         os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
@@ -390,18 +433,25 @@ def to_yaml(job) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(as_dict(job)))
 
 
-def setup_run(job) -> Run:
-    """Create the run directory, write the resolved config, attach a log file, seed, build the logger."""
+def setup_run(job, run_dir: str | Path | None = None) -> Run:
+    """Create the run directory, write the resolved config, attach a log file, seed, build the logger.
+
+    ``run_dir``: the directory :func:`check_run_dir` accepted (validation, before anything is written); without
+    it the directory is resolved and checked here. Several ranks: rank 0's directory (:func:`hand_over_run_dir`);
+    only rank 0 creates it and writes to it."""
     from massedit.trainer import launch_rank
 
     trainer_cfg = getattr(job, "trainer", None)
     rank = launch_rank(trainer_cfg)
     world = int(getattr(trainer_cfg, "world_size", 1) or 1)
     configure_logging(job.log_level, rank=rank)
-    run_dir = choose_run_dir(job, rank, world)
+    if run_dir is None:
+        run_dir = resolve_run_dir(job)
+        check_run_dir(job, run_dir)
+    run_dir = hand_over_run_dir(Path(run_dir), rank, world)
     fh = None
     if rank == 0:  # one directory, one config.yaml, one run.log: the other ranks write nothing
-        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(job, run_dir)
         atomic_write_text(run_dir / "config.yaml", to_yaml(job))
         fh = logging.FileHandler(run_dir / "run.log")
         fh.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s"))
@@ -413,3 +463,176 @@ def setup_run(job) -> Run:
     start_experiment(logger)
     log.info("run directory: %s", run_dir)
     return Run(config=job, dir=run_dir, logger=logger, _file_handler=fh, rank=rank)
+
+
+# ------------------------------------------------------------------------------------------------ run-directory policy
+class RunDirError(InputError):
+    """``output_dir`` cannot be used (a file, not writable, or an existing run without resume/overwrite)."""
+
+
+RUN_MARKERS = ("config.yaml", "run.log")  # a directory holding one of these is a massedit run directory
+# keys that may differ when a run is resumed (bookkeeping and where the numbers are logged, not what is computed)
+RESUME_IGNORED_KEYS = ("overrides", "choices", "resume", "overwrite", "log_level", "ckpt_path", "output_dir",
+                       "output_root", "run_name", "logger")
+
+
+def resolve_run_dir(job) -> Path:
+    """This run's directory: ``output_dir``, else ``<output_root>/<run_name or method-timestamp>`` (absolute)."""
+    return Path(job.output_dir or default_run_dir(job)).expanduser().resolve()
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(job, config_file: Path) -> list[str]:
+    """Keys whose value differs between ``job`` and a run's ``config.yaml`` (bookkeeping keys ignored)."""
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+    except Exception as e:
+        raise RunDirError(f"{config_file}: cannot read the existing run's config ({e}); use overwrite=true or "
+                          f"another output_dir") from None
+    a, b = _flat(old if isinstance(old, dict) else {}), _flat(as_dict(job))
+
+    def kept(k: str) -> bool:
+        return k.split(".", 1)[0] not in RESUME_IGNORED_KEYS
+
+    return sorted(k for k in set(a) | set(b) if kept(k) and a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+def worker_rank() -> bool:
+    """True in a distributed worker other than global rank 0 (``RANK`` / ``LOCAL_RANK`` / ``NODE_RANK`` /
+    ``SLURM_PROCID`` set by Lightning's DDP launcher, torchrun or SLURM): rank 0 owns the run directory."""
+    from massedit.trainer import launch_rank
+
+    return launch_rank() > 0
+
+
+def check_run_dir(job, run_dir: Path) -> None:
+    """The run-directory policy, checked before anything is written (raises :class:`RunDirError`):
+
+    * ``output_dir`` (or a parent) that is a file, or a directory that cannot be written: refused;
+    * an existing, non-empty directory: refused unless ``resume=true`` (continue the same run: same config,
+      the run's files are rewritten as it completes; a ``ckpt_path`` — MEND ``ckpt_path=last`` — implies it) or
+      ``overwrite=true`` (the old run's files are deleted first). Neither touches a non-empty directory that
+      is not a massedit run directory (no ``config.yaml`` / ``run.log``)."""
+    resume, overwrite = bool(getattr(job, "resume", False)), bool(getattr(job, "overwrite", False))
+    resume = resume or bool(getattr(job, "ckpt_path", None))  # training from a checkpoint continues a run
+    if worker_rank():
+        return  # a DDP worker started by rank 0 (or a launcher): rank 0 applies the policy, alone
+    if resume and overwrite:
+        raise RunDirError("resume=true and overwrite=true contradict each other: choose one")
+    for p in (run_dir, *run_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "output_dir" if p == run_dir else f"output_dir's parent {p}"
+                raise RunDirError(f"output_dir={run_dir}: {what} exists and is not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise RunDirError(f"output_dir={run_dir}: {p} is not writable")
+            break
+    if not run_dir.is_dir():
+        return
+    entries = sorted(e.name for e in run_dir.iterdir())
+    if not entries:
+        return
+    is_run = any((run_dir / m).exists() for m in RUN_MARKERS)
+    if not (resume or overwrite):
+        what = "an earlier run" if is_run else f"{len(entries)} file(s)"
+        raise RunDirError(f"output_dir={run_dir} already holds {what} ({', '.join(entries[:5])}"
+                          f"{', ...' if len(entries) > 5 else ''}); nothing was changed. Pass resume=true to continue "
+                          f"that run, overwrite=true to replace it, or choose another output_dir / run_name")
+    if not is_run:
+        raise RunDirError(f"output_dir={run_dir} is not empty and is not a massedit run directory (no config.yaml / "
+                          f"run.log); {'resume' if resume else 'overwrite'}=true only applies to run directories")
+    if resume and (run_dir / "config.yaml").exists():
+        diff = config_differences(job, run_dir / "config.yaml")
+        if diff:
+            raise RunDirError(f"resume=true: the config differs from the run's {run_dir / 'config.yaml'} in "
+                              f"{diff[:8]}{' ...' if len(diff) > 8 else ''}; resume the same config, or use "
+                              f"overwrite=true / another output_dir")
+
+
+def prepare_run_dir(job, run_dir: Path) -> None:
+    """Create ``run_dir`` (umask mode); ``overwrite=true``: delete the old run's files first; ``resume=true``:
+    remove temporary files of writes a killed run left behind."""
+    import shutil
+
+    from massedit.core.io import clean_stale_tmp
+
+    if run_dir.is_dir() and getattr(job, "overwrite", False) and not worker_rank() and any(run_dir.iterdir()):
+        log.warning("overwrite=true: deleting the earlier run in %s", run_dir)
+        for e in list(run_dir.iterdir()):
+            if e.is_dir() and not e.is_symlink():
+                shutil.rmtree(e)
+            else:
+                e.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(run_dir)
+
+
+# ------------------------------------------------------------------------------------------------ signals
+class Interrupted(BaseException):
+    """Raised in the main thread by SIGINT / SIGTERM while a job runs (:func:`stop_on_signals`).
+
+    A ``BaseException`` but not a ``KeyboardInterrupt``: Lightning turns a KeyboardInterrupt into
+    ``sys.exit(1)`` and ignores SIGINT afterwards, while any other exception passes through its teardown
+    unchanged. ``finally`` blocks (atomic writes, ``Run.finish``) still run."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = int(signum)
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+_RECEIVED: list[int] = []
+
+
+def received_signal_name() -> str | None:
+    import signal
+
+    return signal.Signals(_RECEIVED[-1]).name if _RECEIVED else None
+
+
+def received_signal() -> int | None:
+    """The last SIGINT/SIGTERM received inside :func:`stop_on_signals` (None: none)."""
+    return _RECEIVED[-1] if _RECEIVED else None
+
+
+class stop_on_signals:
+    """Context manager: SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so a job stops
+    at once after its pending atomic writes (exit status 128 + signal: 130 / 143 from the command line).
+    Restores the previous handlers on exit; does nothing outside the main thread."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        _RECEIVED.clear()
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+
+        def handler(signum, frame):
+            _RECEIVED.append(signum)
+            raise Interrupted(signum)
+
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._old[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        return False

@@ -23,6 +23,7 @@ from massedit.stats.collect import collect_layer_stats
 from massedit.stats.config import StatsConfigError
 from massedit.stats.reference import export_layer_stats
 from massedit.tasks.runs import configure_logging
+from massedit.tasks.validate import validate_stats_job
 from massedit.trainer import build_trainer, finish_ranks, launch_rank, place_model, start_ranks
 
 log = logging.getLogger("massedit.stats")
@@ -41,6 +42,7 @@ def stats_job(job) -> dict[str, Any]:
     """Compute/load the statistics of ``job.stats`` for ``job.model``; returns a summary (also printed as JSON lines)."""
     configure_logging(job.log_level, rank=launch_rank(job.trainer))
     layers = stats_layers(job)
+    validate_stats_job(job, layers)  # layers, reference files and corpus against the model config, before loading
     t0 = time.time()
     trainer = build_trainer(job.trainer, model_dtype=job.model.torch_dtype)
     failed = True

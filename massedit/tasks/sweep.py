@@ -333,7 +333,8 @@ def subprocess_trial(ctx: TrialContext) -> dict[str, Any]:
     extra = list(ctx.extra_args)
     massedit_program = spec.program is not None and Path(str(spec.program)).name in MASSEDIT_PROGRAMS
     if massedit_program:
-        extra += [f"output_dir={ctx.trial_dir / 'run'}", f"logger.group={ctx.group}",
+        # overwrite=true: a trial that runs again (resumed sweep, retry_failed) replaces its own unfinished run
+        extra += [f"output_dir={ctx.trial_dir / 'run'}", "overwrite=true", f"logger.group={ctx.group}",
                   f"logger.name={spec.name}-{ctx.trial['id']}"]
     cmd = build_command(spec, ctx.trial["params"], extra_args=extra)
     env = dict(os.environ)

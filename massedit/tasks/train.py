@@ -26,6 +26,7 @@ from massedit.lightning_modules.mend import AtomicCheckpointIO, MendModule
 from massedit.tasks.edit import edit_job
 from massedit.tasks.methods import TRAINABLE, UnknownMethodError
 from massedit.tasks.runs import setup_run
+from massedit.tasks.validate import validate_job
 from massedit.trainer import (build_trainer, check_device_map, finish_ranks, place_model, require_script_launch,
                               start_ranks)
 
@@ -92,7 +93,8 @@ def train_mend(job) -> dict[str, Any]:
     t = m.train
     require_script_launch(job.trainer, "massedit train method=mend")
     check_device_map(job.trainer, job.model.device_map)
-    run = setup_run(job)
+    checked = validate_job(job)  # everything checkable before the run directory exists (tasks/validate.py)
+    run = setup_run(job, run_dir=checked.run_dir)
     trainer, failed = None, True
     try:
         world = int(job.trainer.world_size)

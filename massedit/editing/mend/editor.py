@@ -27,11 +27,15 @@ from massedit.core.deltas import Deltas
 from massedit.core.placement import param_storage
 from massedit.data.requests import EditRequest
 
-from .config import MendConfig
+from .config import MendConfig, MendConfigError
 from .factors import (build_edit_batch, capture_factors, inner_params, model_device, token_nll)
 from .network import InnerParam, MendNet, MendNetConfig, to_param_layout
 
 log = logging.getLogger(__name__)
+
+
+class MendCheckpointError(MendConfigError):
+    """``method.checkpoint`` cannot be used (unreadable, not a MEND editor, or made for another model)."""
 
 
 def inner_params_from_cfg(model: nn.Module, method_cfg: MendConfig) -> list[InnerParam]:
@@ -195,34 +199,45 @@ def save_editor(path, net: MendNet, meta: dict | None = None) -> Path:
 def load_editor(path, model: nn.Module | None = None, method_cfg=None) -> MendNet:
     """Load an editor from :func:`save_editor`'s file or a Lightning checkpoint of the MEND module.
 
-    The stored inner parameters must exist in ``model`` with matching shapes; a clear error otherwise.
+    Read with ``torch.load(weights_only=True)``: tensors and plain containers only, a pickled object is refused
+    (never run). The stored inner parameters must exist in ``model`` with matching shapes; a clear error
+    (:class:`MendCheckpointError`, naming the file and the parameter) otherwise.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"MEND checkpoint not found: {path}")
+    if path.is_dir():
+        raise MendCheckpointError(f"method.checkpoint={path}: is a directory, expected mend_editor.pt or a .ckpt file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
     except Exception as e:
-        raise ValueError(f"{path} is not a loadable MEND editor file or checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+        raise MendCheckpointError(f"{path} is not a loadable MEND editor file or checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]})") from None
     if isinstance(obj, dict) and obj.get("format") == "massedit-mend-v1":
-        desc, sd = obj["describe"], obj["state_dict"]
+        desc, sd = obj.get("describe"), obj.get("state_dict")
     elif isinstance(obj, dict) and "state_dict" in obj and "mend_describe" in obj:  # Lightning checkpoint
         desc = obj["mend_describe"]
         sd = {k[len("net."):]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
     else:
-        raise ValueError(f"{path} is neither a massedit MEND editor file nor a MEND Lightning checkpoint")
-    net = MendNet.from_description(desc)
-    net.load_state_dict(sd)
+        raise MendCheckpointError(f"{path} is neither a massedit MEND editor file nor a MEND Lightning checkpoint")
+    try:
+        net = MendNet.from_description(desc)
+        net.load_state_dict(sd)
+    except Exception as e:
+        raise MendCheckpointError(f"{path}: the editor's description / weights do not fit together ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]})") from None
+    for name, t in sd.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MendCheckpointError(f"{path}: editor weight {name!r} has non-finite values (NaN/Inf)")
     if model is not None:
         params = dict(model.named_parameters())
         for p in net.inner:
             if p.param not in params:
-                raise ValueError(f"MEND checkpoint {path} edits {p.param!r}, which this model does not have "
-                                 f"(trained for another architecture?)")
+                raise MendCheckpointError(f"MEND checkpoint {path} edits {p.param!r}, which this model does not have "
+                                          f"(trained for another architecture?)")
             if tuple(params[p.param].shape) != p.param_shape:
-                raise ValueError(f"MEND checkpoint {path}: {p.param} has shape {p.param_shape}, "
-                                 f"the model's weight {tuple(params[p.param].shape)}")
+                raise MendCheckpointError(f"MEND checkpoint {path}: {p.param} has shape {p.param_shape}, "
+                                          f"the model's weight {tuple(params[p.param].shape)}")
         net.to(next(model.parameters()).device)
     return net
 
