@@ -54,10 +54,11 @@ def main(argv=None):
     from massedit.core.models import load_model_and_tokenizer
     from massedit.data.requests import load_requests
     from massedit.editing.context_templates import flatten, sample_memit_templates
-    from massedit.editing.hparams import load_hparams_file, resolve_hparams_path
+    from massedit.editing.hparams import load_hparams_file
     from massedit.editing.memit import compute_targets
+    from massedit.tasks.config import config_dirs, resolve_hparams_path
 
-    hp = load_hparams_file(resolve_hparams_path(args.hparams, "memit", "smollm2-135m"))
+    hp = load_hparams_file(resolve_hparams_path(args.hparams, "memit", "smollm2-135m", config_dirs()))
     if args.steps:
         hp = hp.replace(v_num_grad_steps=args.steps)
     if args.no_prefix_reuse:
