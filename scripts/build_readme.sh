@@ -2,5 +2,9 @@
 # README.md is assembled from the per-part sources in docs/readme/ (edit those, then run this).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cat docs/readme/00_head.md docs/readme/foundation.md docs/readme/rome_memit.md docs/readme/stats.md \
-    docs/readme/evaluation.md docs/readme/ftw.md docs/readme/mend.md docs/readme/90_tests.md > README.md
+parts=(00_head foundation rome_memit speed stats evaluation ftw mend ecosystem multigpu reliability reproduce 90_tests)
+files=()
+for p in "${parts[@]}"; do
+  [ -f "docs/readme/$p.md" ] && files+=("docs/readme/$p.md")
+done
+for f in "${files[@]}"; do cat "$f"; echo; done | sed -e '$ { /^$/d }' > README.md
