@@ -1,1 +1,0 @@
-"""massedit.editing package."""

@@ -1,1 +1,0 @@
-"""massedit.lightning_modules package."""
