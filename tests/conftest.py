@@ -64,3 +64,16 @@ def smollm2(_smollm2_session):
 @pytest.fixture
 def tmp_run_dir(tmp_path):
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 (seed 0) saved as a Hugging Face directory (``model=hf model.name_or_path=...``); shared
+    by the test modules that run jobs on it — none of them writes into it."""
+    from massedit.testing import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny") / "gpt2"
+    model, tok = tiny_model("gpt2", seed=0)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -27,17 +27,6 @@ REQUESTS = [{"prompt": "{} is located in the city of", "subject": "The Eiffel To
 
 
 @pytest.fixture
-def tiny_dir(tmp_path_factory):
-    from massedit.testing import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny") / "tiny-gpt2"
-    model, tok = tiny_model("gpt2")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MASSEDIT_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"

@@ -21,17 +21,6 @@ def _zsre_file(path, n=24):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from massedit.testing import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny") / "tiny-gpt2"
-    model, tok = tiny_model("gpt2")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def _mend_args(tiny_dir, data, out):
     return ["method=mend", "model=hf", f"model.name_or_path={tiny_dir}", "data=zsre_train", f"data.path={data}",
             "method.rank=8", "method.train.max_iters=48", "method.train.batch_problems=4", "method.train.val_size=4",

@@ -37,17 +37,6 @@ class Payload:
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from massedit.testing import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny") / "gpt2"
-    model, tok = tiny_model("gpt2", seed=0)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def base_args(tiny: Path, command: str = "edit", args=()) -> list[str]:
     """The tiny model, and (for ROME/MEMIT, the default method) hparams that fit it."""
     out = ["model=hf", f"model.name_or_path={tiny}", "eval.generation=false", "logger=none", "trainer.accelerator=cpu"]

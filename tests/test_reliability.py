@@ -291,15 +291,6 @@ def test_rome_nonfinite_intermediates_stop_before_any_write(where, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ CLI end to end
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "gpt2"
-    model, tok = tiny_model("gpt2", seed=0)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 @pytest.fixture
 def facts(tmp_path) -> Path:
     p = tmp_path / "facts.jsonl"

@@ -20,17 +20,6 @@ import wandb_offline
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from massedit.testing import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny") / "tiny-gpt2"
-    model, tok = tiny_model("gpt2")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def _small(tiny_dir, out):
     return ["model=hf", f"model.name_or_path={tiny_dir}", "data.num_edits=2", "stats.n_tokens=2000",
             "method.v_num_grad_steps=4", "eval.generation=false", f"output_dir={out}",
