@@ -60,7 +60,7 @@ class EditHparams:
     #                                      are edited on top of the earlier ones
     batched_targets: bool = True         # optimise the z / v* of a chunk together (False: one at a time)
     targets_max_tokens: int = 2048       # memory bound: padded tokens per batched forward/backward
-    reuse_frozen_prefix: bool = True     # compute the blocks below the edit point once per target optimisation
+    reuse_frozen_prefix: bool = True     # targets_forward=full: compute the blocks up to the edit point once per target optimisation
     #                                      (their output does not depend on δ) instead of at every step
     targets_forward: str = "suffix"      # "suffix": per step only the positions from each row's subject token on run
     #                                      through the blocks above the edit point, attending to the K/V of the

@@ -18,6 +18,14 @@ state, early stop and clamp (finished requests leave the batch). Rows of differe
 interact, so the result equals one-at-a-time optimisation up to float rounding. Sub-batches are
 bounded by ``max_tokens`` padded tokens. Logits are formed only at the positions the loss reads
 (final norm + unembedding of the gathered hidden states), which is the same arithmetic per position.
+
+**What runs per step** (``hp.targets_forward``). ``"suffix"`` (default, :class:`_SuffixForward`): the blocks up
+to the edit point and, above it, every position before the subject token are independent of δ (causal attention),
+so they run once at δ = 0 and their keys/values are cached; each step runs only the positions from the subject
+token on through the blocks above the edit point. ``"full"`` (:class:`_FullForward`): whole rows every step, as the
+reference; with ``hp.reuse_frozen_prefix`` from the block above ``prefix_block`` on. The equations are the same;
+the results agree up to float rounding (exactly in float64). ``hp.targets_autocast`` runs the frozen model's
+forwards under CUDA autocast; δ, logits and the loss stay float32.
 """
 from __future__ import annotations
 
@@ -525,8 +533,9 @@ def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_
     """Optimise the target vector of every problem; ``batched`` (default ``hp.batched_targets``) groups
     them into memory-bounded sub-batches, else one request at a time. ``on_result(i, result)`` is called
     as soon as problem ``i`` is finished (used for the on-disk z cache). ``prefix_block``: the highest
-    block whose output does not depend on δ (MEMIT: L; ROME: l - 1); with ``hp.reuse_frozen_prefix`` its
-    output is computed at the first step only and replayed afterwards (blocks below it are skipped)."""
+    block whose output does not depend on δ (MEMIT: L; ROME: l - 1); in ``targets_forward="full"`` mode with
+    ``hp.reuse_frozen_prefix`` its output is computed at the first step only and later steps run the blocks above
+    it. The ``"suffix"`` mode finds the edit point from ``edit_module`` itself."""
     from massedit.core.adapters import get_adapter
 
     adapter = get_adapter(model)
