@@ -369,6 +369,9 @@ class _SuffixForward:
         self.E = _layer_of(adapter, edit_module)
         self.final = adapter.num_layers - 1
         self.nll_layer = nll_layer
+        if nll_layer < self.E:
+            raise ValueError(f"targets_forward=suffix reads the loss at or above the edit point (block {self.E}), "
+                             f"not at block {nll_layer}")
         self.starts = _row_starts(problems)
         batch = _Batch(problems, pad_id, device)
         names = [edit_module, adapter.block_name(self.E)]
