@@ -43,7 +43,8 @@ def _hp(block: bool, **kw):
 def _run(model, tok, hp, layer: int, block: bool, mode: str, nll_layer: int | None = None, **kw):
     a = get_adapter(model)
     probs = [build_target_problem(tok, r, TEMPLATES) for r in REQS]
-    return optimise_targets(model, tok, probs, hp.replace(targets_forward=mode),
+    # "full": the model's own whole forward at every step (hooks only, no frozen-prefix reuse) as the reference
+    return optimise_targets(model, tok, probs, hp.replace(targets_forward=mode, reuse_frozen_prefix=mode != "full"),
                             edit_module=a.block_name(layer) if block else a.mlp_name(layer), edit_is_block=block,
                             nll_block=None if nll_layer is None else a.block_name(nll_layer),
                             prefix_block=layer if block else layer - 1, progress=False, **kw)
