@@ -64,14 +64,15 @@ def test_clamp_and_step_budget():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_frozen_prefix_reuse_is_exact(family):
-    """Replaying the blocks below the edit point (computed once) gives the same targets as recomputing them."""
+    """``targets_forward=full``: running the blocks above the edit point on the output kept from the first step
+    (computed once) gives the same targets as the model's whole forward every step; no module is swapped."""
     torch.set_num_threads(1)
     model, tok = tiny_model(family, seed=0)
     a = get_adapter(model)
     probs = [build_target_problem(tok, r, TEMPLATES) for r in REQS]
     for block, layer, prefix in ((True, 2, 2), (False, 2, 1)):
         hp = EditHparams(layers=[layer], v_num_grad_steps=6, v_lr=0.5, clamp_norm_factor=4.0, v_weight_decay=0.5,
-                         early_stop_loss=5.985)
+                         early_stop_loss=5.985, targets_forward="full")
         kw = dict(edit_module=a.block_name(layer) if block else a.mlp_name(layer), edit_is_block=block,
                   progress=False, batched=True, prefix_block=prefix)
         on = optimise_targets(model, tok, probs, hp, **kw)
@@ -79,4 +80,4 @@ def test_frozen_prefix_reuse_is_exact(family):
         for x, y in zip(on, off, strict=True):
             assert x.n_adam_steps == y.n_adam_steps
             assert _rel(x.target, y.target) <= 1e-5
-    assert all(type(a.block(i)).__name__ != "_FrozenPrefixBlock" for i in range(a.num_layers))  # restored
+    assert all(type(a.block(i)).__module__.startswith("transformers.") for i in range(a.num_layers))

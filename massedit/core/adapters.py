@@ -10,6 +10,8 @@ Orientation convention: editing math is written for a map ``value = W @ key`` wi
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -160,6 +162,61 @@ class ArchAdapter:
         w = self.module(module_name).weight
         return w.T if self.conv1d else w
 
+    # ---------------------------------------------------------------- running blocks directly
+    def block_runner_unsupported(self) -> str | None:
+        """Why :meth:`run_blocks` cannot run this model (None: it can). The runner builds its own 4D masks, which
+        the ``sdpa`` and ``eager`` attention implementations take; sliding-window attention is not modelled."""
+        impl = getattr(self.config, "_attn_implementation", None) or "eager"
+        if impl not in ("sdpa", "eager"):
+            return f"attention implementation {impl!r} (the block runner supports sdpa and eager)"
+        window = getattr(self.config, "sliding_window", None)
+        if window and getattr(self.config, "use_sliding_window", True):
+            return f"sliding-window attention (sliding_window={window})"
+        return None
+
+    def attention_bias(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A ``[B, 1, Q, K]`` mask for the model's attention implementation from ``allowed`` ``[B, Q, K]`` (True = the
+        query attends the key): boolean for sdpa, additive (0 / dtype min) for eager."""
+        allowed = allowed[:, None]
+        if (getattr(self.config, "_attn_implementation", None) or "eager") == "sdpa":
+            return allowed
+        zero = torch.zeros((), dtype=dtype, device=allowed.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """Position embeddings of the model's shared rotary module (None where the blocks do their own, e.g. GPT-2)."""
+        rot = getattr(self.model.base_model, "rotary_emb", None)
+        return None if rot is None else rot(hidden, position_ids=position_ids)
+
+    def run_blocks(self, hidden: torch.Tensor, start: int, stop: int, *, allowed: torch.Tensor,
+                   position_ids: torch.Tensor, cache=None, keep=()) -> dict[int, torch.Tensor]:
+        """Run blocks ``start..stop`` (inclusive) on ``hidden`` ``[B, Q, d]`` — the residual stream entering block
+        ``start`` — with ``position_ids`` ``[B, Q]`` and the attention pattern ``allowed`` ``[B, Q, K]`` over the keys
+        (``K`` = cached prefix + ``Q``). ``cache`` (e.g. :class:`PrefixKVCache`) receives every layer's keys/values.
+        Returns the hidden state after each block in ``keep`` and after ``stop``; key ``start - 1`` is the input."""
+        out = {start - 1: hidden}
+        if stop < start:
+            return out
+        mask = self.attention_bias(allowed, hidden.dtype)
+        pe = self.rotary_embeddings(hidden, position_ids)
+        for i in range(start, stop + 1):
+            block = self.block(i)
+            kw = _block_kwargs(type(block))
+            args = {"attention_mask": mask}
+            if kw["position_ids"]:
+                args["position_ids"] = position_ids
+            if kw["position_embeddings"] and pe is not None:
+                args["position_embeddings"] = pe
+            if cache is not None:
+                if kw["cache"] is None:
+                    raise UnsupportedArchitectureError(f"block {i} ({type(block).__name__}) takes no cache argument")
+                args[kw["cache"]] = cache
+                args["use_cache"] = True
+            hidden = self.block_hidden(block(hidden, **args))
+            if i in keep or i == stop:
+                out[i] = hidden
+        return out
+
     # ---------------------------------------------------------------- helpers
     @staticmethod
     def block_hidden(output) -> torch.Tensor:
@@ -174,6 +231,48 @@ class ArchAdapter:
         if not (0 <= int(i) < n):
             raise IndexError(f"layer {i} out of range for a {n}-layer {self.family} model")
         return int(i)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_kwargs(block_cls: type) -> dict:
+    """Which keyword arguments a block class's forward takes (the cache's name differs across families/versions)."""
+    params = inspect.signature(block_cls.forward).parameters
+    cache_kw = next((k for k in ("cache", "past_key_values", "past_key_value", "layer_past") if k in params), None)
+    return {"cache": cache_kw, "position_ids": "position_ids" in params,
+            "position_embeddings": "position_embeddings" in params}
+
+
+class PrefixKVCache:
+    """Keys/values of a frozen prefix, per layer, for :meth:`ArchAdapter.run_blocks` (the ``update`` interface of
+    transformers' ``Cache``). While ``recording`` an ``update`` stores what it is given (detached) and returns it;
+    afterwards it returns ``cat(prefix, new)`` along the sequence and stores nothing, so the one prefix serves every
+    later forward of different suffixes (a ``DynamicCache`` would append each suffix)."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recording = True
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.recording:
+            self.layers[layer_idx] = (key_states.detach(), value_states.detach())
+            return key_states, value_states
+        if layer_idx not in self.layers:  # an empty prefix
+            return key_states, value_states
+        pk, pv = self.layers[layer_idx]
+        return torch.cat([pk, key_states], dim=-2), torch.cat([pv, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        kv = self.layers.get(layer_idx) or next(iter(self.layers.values()), None)
+        return 0 if kv is None else int(kv[0].shape[-2])
+
+    def select(self, rows: torch.Tensor, length: int | None = None) -> "PrefixKVCache":
+        """A replaying cache of the given batch rows (and the first ``length`` prefix positions)."""
+        out = PrefixKVCache()
+        out.recording = False
+        for i, (k, v) in self.layers.items():
+            r = rows.to(k.device)
+            out.layers[i] = (k[r, :, :length], v[r, :, :length])
+        return out
 
 
 class GPT2Adapter(ArchAdapter):

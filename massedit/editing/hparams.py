@@ -60,8 +60,16 @@ class EditHparams:
     #                                      are edited on top of the earlier ones
     batched_targets: bool = True         # optimise the z / v* of a chunk together (False: one at a time)
     targets_max_tokens: int = 2048       # memory bound: padded tokens per batched forward/backward
-    reuse_frozen_prefix: bool = True     # compute the blocks below the edit point once per target optimisation
+    reuse_frozen_prefix: bool = True     # targets_forward=full: compute the blocks up to the edit point once per target optimisation
     #                                      (their output does not depend on δ) instead of at every step
+    targets_forward: str = "suffix"      # "suffix": per step only the positions from each row's subject token on run
+    #                                      through the blocks above the edit point, attending to the K/V of the
+    #                                      unchanged prefix computed once; "full": whole rows every step (the
+    #                                      reference's arithmetic; with reuse_frozen_prefix the blocks up to the edit
+    #                                      point are still computed once). Same equations, equal up to float rounding
+    targets_autocast: str | None = None  # null | bf16 | fp16: run the frozen model's forwards of the target
+    #                                      optimisation under CUDA autocast (δ, logits and loss stay float32);
+    #                                      ignored on CPU
     teacher_forcing: str = "ids"         # "ids": prompt ids + target ids[:-1] (right for every tokenizer);
     #                                      "string": the reference's prompt + decode(target[:-1]) re-tokenized
     weight_decay_form: str = "norm"      # "norm": wd*|d|/|v0|^2 (reference); "squared": wd*|d|^2/|v0|^2
@@ -87,6 +95,10 @@ class EditHparams:
             raise HparamsError("hparams field 'v_num_grad_steps' must be >= 1")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise HparamsError("hparams field 'batch_size' must be >= 1 or null")
+        if self.targets_forward not in ("suffix", "full"):
+            raise HparamsError(f"hparams field 'targets_forward' must be 'suffix' or 'full', got {self.targets_forward!r}")
+        if self.targets_autocast not in (None, "bf16", "fp16"):
+            raise HparamsError(f"hparams field 'targets_autocast' must be null, 'bf16' or 'fp16', got {self.targets_autocast!r}")
         if int(self.targets_max_tokens) < 1:
             raise HparamsError("hparams field 'targets_max_tokens' must be >= 1")
         for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):

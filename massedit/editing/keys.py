@@ -44,8 +44,9 @@ def module_io_at_words(model, tok, module_name: str, templates: Sequence[str], w
         if int(pos.max()) >= enc["input_ids"].shape[1]:
             bad = int(torch.argmax(pos))
             raise ValueError(f"subject index {int(pos[bad])} beyond the tokenised context {texts[s + bad]!r}")
-        ins.append(x_in[rows, pos].float())
-        outs.append(x_out[rows, pos].float())
+        # with a model spread over devices the traced tensors live on their layer's device
+        ins.append(x_in[rows.to(x_in.device), pos.to(x_in.device)].float())
+        outs.append(x_out[rows.to(x_out.device), pos.to(x_out.device)].float())
     return torch.cat(ins), torch.cat(outs)
 
 

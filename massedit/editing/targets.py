@@ -18,9 +18,18 @@ state, early stop and clamp (finished requests leave the batch). Rows of differe
 interact, so the result equals one-at-a-time optimisation up to float rounding. Sub-batches are
 bounded by ``max_tokens`` padded tokens. Logits are formed only at the positions the loss reads
 (final norm + unembedding of the gathered hidden states), which is the same arithmetic per position.
+
+**What runs per step** (``hp.targets_forward``). ``"suffix"`` (default, :class:`_SuffixForward`): the blocks up
+to the edit point and, above it, every position before the subject token are independent of δ (causal attention),
+so they run once at δ = 0 and their keys/values are cached; each step runs only the positions from the subject
+token on through the blocks above the edit point. ``"full"`` (:class:`_FullForward`): whole rows every step, as the
+reference; with ``hp.reuse_frozen_prefix`` from the block above ``prefix_block`` on. The equations are the same;
+the results agree up to float rounding (exactly in float64). ``hp.targets_autocast`` runs the frozen model's
+forwards under CUDA autocast; δ, logits and the loss stay float32.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -28,7 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from massedit.core.adapters import ArchAdapter
+from massedit.core.adapters import ArchAdapter, PrefixKVCache
 from massedit.core.nethook import TraceDict
 from massedit.core.tokenization import (encode, subject_token_index, target_token_ids, token_type_ids_like,
                                         with_leading_space)
@@ -252,54 +261,201 @@ def clamp_delta_(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
             delta.mul_(max_norm / n)
 
 
+# ------------------------------------------------------------------------------------- forwards
+def _autocast(hp, device: torch.device):
+    """CUDA autocast for the frozen model's forwards (``hp.targets_autocast``); a no-op elsewhere."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(hp, "targets_autocast", None) or "")
+    if dtype is None or torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _layer_of(adapter: ArchAdapter, name: str) -> int:
+    """Index of the block that is, or contains, module ``name``."""
+    for i in range(adapter.num_layers):
+        b = adapter.block_name(i)
+        if name == b or name.startswith(b + "."):
+            return i
+    raise KeyError(f"module {name!r} is not inside a block")
+
+
+def _add_at(h: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``h`` with ``values`` added at ``(rows, pos)`` (out of place, so gradients reach ``values``)."""
+    return h.index_put((rows.to(h.device), pos.to(h.device)), values.to(h.device, h.dtype), accumulate=True)
+
+
+def _row_starts(problems: Sequence[TargetProblem]) -> list[int]:
+    starts, r0 = [], 0
+    for p in problems:
+        starts.append(r0)
+        r0 += p.n_rows
+    return starts
+
+
+class _FullForward:
+    """Every step runs whole rows: the model's own forward with δ added by a hook at the edit module (REFERENCE_SPEC
+    §1.2 / §2.2 as written). With ``reuse`` the output of block ``prefix_block`` (which does not depend on δ) is kept
+    from the first forward and later steps run only the blocks above it (:meth:`ArchAdapter.run_blocks`)."""
+
+    def __init__(self, model, adapter: ArchAdapter, problems, *, edit_module, edit_is_block, nll_layer, prefix_block,
+                 reuse, tok, device):
+        self.model, self.adapter, self.tok, self.device = model, adapter, tok, device
+        self.edit_module, self.edit_is_block = edit_module, edit_is_block
+        self.final = adapter.num_layers - 1
+        self.nll_layer = nll_layer
+        self.prefix_block = prefix_block if reuse else None
+        self.starts = _row_starts(problems)
+        self.base = None  # block prefix_block's output of every row of the group, from the first forward
+        self.rows = None
+
+    def select(self, active: Sequence[int], problems, batch: _Batch) -> None:
+        self.rows = torch.cat([torch.arange(self.starts[i], self.starts[i] + problems[i].n_rows) for i in active])
+
+    def _edit_fn(self, batch: _Batch, D: torch.Tensor, captured: dict | None):
+        def edit(output, name):
+            if name != self.edit_module:
+                return output
+            h = ArchAdapter.block_hidden(output) if self.edit_is_block else output
+            if captured is not None:
+                captured["init"] = h[batch.row0.to(h.device), batch.row0_pos.to(h.device)].detach().float().clone()
+            h = _add_at(h, batch.edit_rows, batch.edit_pos, D[batch.edit_req.to(D.device)])
+            return _replace_hidden(output, h) if self.edit_is_block else h
+        return edit
+
+    def forward(self, batch: _Batch, D: torch.Tensor, first: bool):
+        a = self.adapter
+        captured = {} if first else None
+        if self.base is None:
+            names = [self.edit_module, a.block_name(self.final), a.block_name(self.nll_layer)]
+            if self.prefix_block is not None:
+                names.append(a.block_name(self.prefix_block))
+            with TraceDict(self.model, names, retain_output=True, edit_output=self._edit_fn(batch, D, captured),
+                           stop=True) as td:
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                           **token_type_ids_like(self.tok, batch.input_ids))  # as model(**tok(rows)) in the reference
+            hs = {i: ArchAdapter.block_hidden(td[a.block_name(i)].output) for i in (self.final, self.nll_layer)}
+            if self.prefix_block is not None:
+                out = td[a.block_name(self.prefix_block)].output
+                self.base = ArchAdapter.block_hidden(out).detach()  # (if it is the edit module: δ = 0 at the first step)
+        else:
+            W = batch.input_ids.shape[1]
+            h = self.base[self.rows.to(self.base.device), :W]
+            if a.block_name(self.prefix_block) == self.edit_module:
+                h = _add_at(h, batch.edit_rows, batch.edit_pos, D[batch.edit_req.to(D.device)])
+            am = batch.attention_mask.bool().to(h.device)
+            allowed = torch.ones(W, W, dtype=torch.bool, device=h.device).tril()[None] & am[:, None, :]
+            pos = torch.arange(W, device=h.device)[None].expand(len(am), W)
+            with TraceDict(self.model, [self.edit_module], retain_output=False, edit_output=self._edit_fn(batch, D, None)):
+                hs = a.run_blocks(h, self.prefix_block + 1, self.final, allowed=allowed, position_ids=pos,
+                                  keep=(self.nll_layer,))
+        h_nll, h_fin = hs[self.nll_layer], hs[self.final]
+        return (h_nll[batch.nll_rows.to(h_nll.device), batch.nll_pos.to(h_nll.device)],
+                h_fin[batch.kl_rows.to(h_fin.device), batch.kl_pos.to(h_fin.device)],
+                captured["init"] if first else None)
+
+
+class _SuffixForward:
+    """Only what δ changes is recomputed. δ enters the residual stream at block E (MEMIT: added to block L's output;
+    ROME: to the MLP output of layer l, which the block adds to its residual unchanged, so the block output gains the
+    same δ) at the row's subject token ``i``. Positions before ``i`` do not attend to it, so above E their states,
+    keys and values are those at δ = 0. Once per group (at δ = 0): the model up to block E on whole rows, then the
+    blocks above E on each row's prefix ``[0, s)`` with ``s = min(i, first loss position)``, keeping their K/V
+    (:class:`PrefixKVCache`). Every step: the suffix ``[s, len)`` through blocks E+1..N with δ added at ``i``,
+    attending to the cached prefix K/V plus itself (causally), at its true positions."""
+
+    def __init__(self, model, adapter: ArchAdapter, problems, *, edit_module, edit_is_block, nll_layer, tok, device,
+                 pad_id):
+        self.adapter, self.device = adapter, device
+        self.E = _layer_of(adapter, edit_module)
+        self.final = adapter.num_layers - 1
+        self.nll_layer = nll_layer
+        if nll_layer < self.E:
+            raise ValueError(f"targets_forward=suffix reads the loss at or above the edit point (block {self.E}), "
+                             f"not at block {nll_layer}")
+        self.starts = _row_starts(problems)
+        batch = _Batch(problems, pad_id, device)
+        names = [edit_module, adapter.block_name(self.E)]
+        with torch.no_grad(), TraceDict(model, names, retain_output=True, stop=True) as td:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                  **token_type_ids_like(tok, batch.input_ids))
+        out = ArchAdapter.block_hidden(td[edit_module].output) if edit_is_block else td[edit_module].output
+        self.init = out[batch.row0.to(out.device), batch.row0_pos.to(out.device)].detach().float().clone()
+        h = ArchAdapter.block_hidden(td[adapter.block_name(self.E)].output).detach()
+        del td, out
+        # suffix start s per row: the subject token, or an earlier loss position (never for the built rows)
+        starts = []
+        for p in problems:
+            T = len(p.target_ids)
+            for k, (ids, idx) in enumerate(zip(p.input_ids, p.lookup_idxs)):
+                starts.append(min(idx, len(ids) - T) if k < p.n_rewrite else idx)
+        dev = h.device
+        self.s = torch.tensor(starts, dtype=torch.long, device=dev)
+        self.n = torch.tensor([len(r) for p in problems for r in p.input_ids], dtype=torch.long, device=dev)
+        R, W = h.shape[:2]
+        P, S = int(self.s.max()), int((self.n - self.s).max())
+        j = torch.arange(S, device=dev)
+        idx = (self.s[:, None] + j).clamp(max=W - 1)
+        self.base = h.gather(1, idx[..., None].expand(R, S, h.shape[-1]))        # [R, S, d] at δ = 0
+        self.pos = (self.s[:, None] + j).clamp(max=adapter.context_length - 1)  # true positions (pads clamped)
+        self.cache = PrefixKVCache()
+        if P > 0 and self.E < self.final:
+            with torch.no_grad():
+                causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()[None].expand(R, P, P)
+                adapter.run_blocks(h[:, :P], self.E + 1, self.final, allowed=causal,
+                                   position_ids=torch.arange(P, device=dev)[None].expand(R, P), cache=self.cache)
+        self.cache.recording = False
+        self.sel = None
+
+    def select(self, active: Sequence[int], problems, batch: _Batch) -> None:
+        dev = self.base.device
+        rows = torch.cat([torch.arange(self.starts[i], self.starts[i] + problems[i].n_rows) for i in active]).to(dev)
+        s, n = self.s[rows], self.n[rows]
+        P, S = int(s.max()), int((n - s).max())
+        kp = torch.arange(P, device=dev)
+        ks = torch.arange(S, device=dev)
+        allowed = torch.cat([(kp[None, None, :] < s[:, None, None]).expand(len(rows), S, P),
+                             (ks[None, None, :] <= ks[None, :, None]).expand(len(rows), S, S)], dim=2)
+        self.sel = dict(
+            rows=rows, base=self.base[rows, :S], pos=self.pos[rows, :S], allowed=allowed,
+            cache=self.cache.select(rows, P),
+            edit=(batch.edit_rows.to(dev), batch.edit_pos.to(dev) - s[batch.edit_rows.to(dev)], batch.edit_req.to(dev)),
+            nll=(batch.nll_rows.to(dev), batch.nll_pos.to(dev) - s[batch.nll_rows.to(dev)]),
+            kl=(batch.kl_rows.to(dev), batch.kl_pos.to(dev) - s[batch.kl_rows.to(dev)]),
+            init=None)
+        self.sel["init"] = self.init[torch.tensor(list(active), device=self.init.device)]
+
+    def forward(self, batch: _Batch, D: torch.Tensor, first: bool):
+        z = self.sel
+        er, ep, eq = z["edit"]
+        x = _add_at(z["base"], er, ep, D[eq.to(D.device)])
+        hs = self.adapter.run_blocks(x, self.E + 1, self.final, allowed=z["allowed"], position_ids=z["pos"],
+                                     cache=z["cache"], keep=(self.nll_layer,))
+        h_nll, h_fin = hs[self.nll_layer], hs[self.final]
+        (nr, npos), (kr, kpos) = z["nll"], z["kl"]
+        return (h_nll[nr.to(h_nll.device), npos.to(h_nll.device)], h_fin[kr.to(h_fin.device), kpos.to(h_fin.device)],
+                z["init"] if first else None)
+
+
 # ------------------------------------------------------------------------------------- optimiser
-class _FrozenPrefixBlock(torch.nn.Module):
-    """Stand-in for a block below the edit point: the blocks up to ``upto`` see the same inputs at every
-    step (δ enters later), so their output is computed once and replayed. Blocks before ``upto`` pass
-    their input through; block ``upto`` returns the cached hidden state for the current batch rows."""
-
-    def __init__(self, value_fn, like):
-        super().__init__()
-        self._value_fn = value_fn   # None: pass-through
-        self._like = like           # output structure of the real block: None (tensor) or tuple length
-
-    def forward(self, *args, **kwargs):
-        h = self._value_fn() if self._value_fn is not None else (args[0] if args else kwargs["hidden_states"])
-        if self._like is None:
-            return h
-        return (h,) + (None,) * (self._like - 1)
-
-
-def _swap_blocks(model, adapter: ArchAdapter, upto: int, value_fn, like) -> dict:
-    """Replace blocks ``0..upto`` by :class:`_FrozenPrefixBlock`; returns what to restore."""
-    saved = {}
-    for i in range(upto + 1):
-        name = adapter.block_name(i)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        saved[name] = (parent, child, parent._modules[child])
-        stub = _FrozenPrefixBlock(value_fn if i == upto else None, like)
-        for attr in ("attention_type", "layer_idx"):  # read by some model loops (e.g. sliding-window masks)
-            if hasattr(saved[name][2], attr):
-                setattr(stub, attr, getattr(saved[name][2], attr))
-        parent._modules[child] = stub
-    return saved
-
-
-def _restore_blocks(saved: dict) -> None:
-    for parent, child, module in saved.values():
-        parent._modules[child] = module
-
-
 def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], *, edit_module: str, edit_is_block: bool,
                     nll_block: str | None, hp, pad_id: int, pbar=None, prefix_block: int | None = None,
                     tok=None) -> list[TargetResult]:
     device = next(model.parameters()).device
-    # frozen prefix: blocks 0..prefix_block produce the same output at every step (δ enters after them)
-    reuse = getattr(hp, "reuse_frozen_prefix", True) and prefix_block is not None and prefix_block >= 0
-    prefix_name = adapter.block_name(prefix_block) if reuse else None
-    prefix = {}  # "base": first-forward output [rows0, W0, d]; "start": first row of each problem; "like"
-    final_block = adapter.block_name(adapter.num_layers - 1)
+    final = adapter.num_layers - 1
+    nll_layer = _layer_of(adapter, nll_block) if nll_block else final
+    mode = getattr(hp, "targets_forward", "full")
+    why_not = adapter.block_runner_unsupported()
+    if why_not and mode == "suffix":
+        log.warning("targets_forward=suffix is not available for this model (%s): running whole rows", why_not)
+    reuse = (getattr(hp, "reuse_frozen_prefix", True) and prefix_block is not None and prefix_block >= 0
+             and why_not is None)
+    with _autocast(hp, device):
+        if mode == "suffix" and why_not is None:
+            fwd = _SuffixForward(model, adapter, problems, edit_module=edit_module, edit_is_block=edit_is_block,
+                                 nll_layer=nll_layer, tok=tok, device=device, pad_id=pad_id)
+        else:
+            fwd = _FullForward(model, adapter, problems, edit_module=edit_module, edit_is_block=edit_is_block,
+                               nll_layer=nll_layer, prefix_block=prefix_block, reuse=reuse, tok=tok, device=device)
     n = len(problems)
     d = adapter.hidden_size
     deltas = [torch.zeros(d, device=device, dtype=torch.float32, requires_grad=True) for _ in range(n)]
@@ -317,61 +473,19 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
         if batch_members != active:
             batch = _Batch([problems[i] for i in active], pad_id, device)
             batch_members = list(active)
-            if "base" in prefix:
-                prefix["rows"] = torch.cat([torch.arange(prefix["start"][i], prefix["start"][i] + problems[i].n_rows)
-                                            for i in active]).to(device)
+            fwd.select(active, problems, batch)
         first = it == 0
-        captured = {}
-
-        def edit_fn(output, name):
-            if name != edit_module:
-                return output
-            h = ArchAdapter.block_hidden(output) if edit_is_block else output
-            if first:
-                captured["init"] = h[batch.row0, batch.row0_pos].detach().float().clone()
-                if reuse and name == prefix_name:
-                    captured["prefix"] = (h.detach(), None if not isinstance(output, (tuple, list)) else len(output))
-            D = torch.stack([deltas[i] for i in active])
-            h = h.index_put((batch.edit_rows, batch.edit_pos), D[batch.edit_req].to(h.dtype), accumulate=True)
-            return _replace_hidden(output, h) if edit_is_block else h
-
-        names = [edit_module, final_block] + ([nll_block] if nll_block and nll_block != final_block else [])
-        if reuse and first and prefix_name != edit_module:
-            names.append(prefix_name)
-        saved = None
-        if reuse and not first and "base" in prefix:
-            width = batch.input_ids.shape[1]
-            saved = _swap_blocks(model, adapter, prefix_block,
-                                 lambda: prefix["base"][prefix["rows"], :width], prefix["like"])
-        try:
-            with TraceDict(model, names, retain_output=True, edit_output=edit_fn, stop=True) as td:
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                      **token_type_ids_like(tok, batch.input_ids))  # as model(**tok(rows)) in the reference
-        finally:
-            if saved is not None:
-                _restore_blocks(saved)
-        if reuse and first:
-            if prefix_name == edit_module:
-                prefix["base"], prefix["like"] = captured["prefix"]
-            else:
-                out = td[prefix_name].output
-                prefix["base"] = ArchAdapter.block_hidden(out).detach()
-                prefix["like"] = len(out) if isinstance(out, (tuple, list)) else None
-            starts, r0 = [], 0
-            for p_ in problems:
-                starts.append(r0)
-                r0 += p_.n_rows
-            prefix["start"] = starts
-            prefix["rows"] = torch.arange(r0, device=device)
-        h_final = ArchAdapter.block_hidden(td[final_block].output)
-        h_nll = ArchAdapter.block_hidden(td[nll_block].output) if nll_block and nll_block != final_block else h_final
-        lp = torch.log_softmax(adapter.unembed(h_nll[batch.nll_rows, batch.nll_pos]).float(), dim=-1)
-        lp_t = lp.gather(1, batch.nll_tok[:, None])[:, 0]
+        D = torch.stack([deltas[i] for i in active])
+        with _autocast(hp, device):
+            h_nll, h_kl, init_now = fwd.forward(batch, D, first)
+        # logits only where the loss reads them, in float32 (outside autocast)
+        lp = torch.log_softmax(adapter.unembed(h_nll).float(), dim=-1)
+        lp_t = lp.gather(1, batch.nll_tok.to(lp.device)[:, None])[:, 0].to(device)
         nll, prob = nll_per_request(lp_t, batch)
-        kl_lp = torch.log_softmax(adapter.unembed(h_final[batch.kl_rows, batch.kl_pos]).float(), dim=-1)
+        kl_lp = torch.log_softmax(adapter.unembed(h_kl).float(), dim=-1).to(device)
         if first:
             for j, i in enumerate(active):
-                init[i] = captured["init"][j]
+                init[i] = init_now[j].to(device)
                 init_norm[i] = init[i].norm()
                 kl_init[i] = kl_lp[j].detach().clone()
         kl = hp.kl_factor * kl_per_request(kl_lp, torch.stack([kl_init[i] for i in active]))
@@ -403,7 +517,7 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
                 opts[i].step()
                 steps[i] += 1
                 clamp_delta_(deltas[i], hp.clamp_norm_factor * init_norm[i])
-        del td, h_final, h_nll, lp, kl_lp, loss
+        del h_nll, h_kl, lp, kl_lp, loss
         active = still
         if not active:
             break
@@ -422,8 +536,9 @@ def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_
     """Optimise the target vector of every problem; ``batched`` (default ``hp.batched_targets``) groups
     them into memory-bounded sub-batches, else one request at a time. ``on_result(i, result)`` is called
     as soon as problem ``i`` is finished (used for the on-disk z cache). ``prefix_block``: the highest
-    block whose output does not depend on δ (MEMIT: L; ROME: l - 1); with ``hp.reuse_frozen_prefix`` its
-    output is computed at the first step only and replayed afterwards (blocks below it are skipped)."""
+    block whose output does not depend on δ (MEMIT: L; ROME: l - 1); in ``targets_forward="full"`` mode with
+    ``hp.reuse_frozen_prefix`` its output is computed at the first step only and later steps run the blocks above
+    it. The ``"suffix"`` mode finds the edit point from ``edit_module`` itself."""
     from massedit.core.adapters import get_adapter
 
     adapter = get_adapter(model)
