@@ -277,8 +277,8 @@ def run_point(point: Point, stats: dict[str, list[str]], command: str = "edit",
                                    if resume else [])
     log.info("[reproduce] %s: %s (%s)", point.name, "resuming the interrupted run" if resume else "running",
              edit_command(overrides, command))
-    job = compose(command, overrides)
     t0 = time.time()
+    job = compose(command, overrides)
     if command == "train":
         from massedit.tasks.train import train_job
 

@@ -140,7 +140,10 @@ def set_x_scale(ax, xs, logx: bool | None) -> None:
             ax.set_xscale("log")
             ticks = sorted(set(xs))
             if all(float(v).is_integer() for v in ticks):
+                from matplotlib.ticker import NullFormatter
+
                 ax.set_xticks(ticks, [str(int(v)) for v in ticks])
+                ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 METHOD_COLUMNS = {"efficacy_success": "Efficacy (ES)", "paraphrase_success": "Generalisation (PS)",
