@@ -104,17 +104,19 @@ def test_reproduce_scaling_on_a_tiny_model_writes_table_plot_manifest_and_resume
     assert man["versions"]["massedit"] and man["seed"] == 0
     assert {p["name"] for p in man["points"]} == {"memit-n1", "memit-n2", "rome-n1", "ftw-n1", "mend-n1"}
     assert all(p["command"].startswith("massedit edit ") for p in man["points"])
-    # MEMIT's z cache is shared by the points: memit-n2 reads memit-n1's... no: their records differ (dev vs
-    # reduced); the z of the dev record are cached under cache/targets
+    # MEMIT's z go to the reproduction's own cache (shared by its points: test_reproduce_memit_points_share...)
     assert any((out / "cache" / "targets").rglob("*.pt"))
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     capsys.readouterr()
 
     # rerun: every point is skipped (nothing recomputed, no run file rewritten)
-    assert main(["reproduce", "scaling", *tiny_args(tiny_dir, data, out)]) == 0
-    err = capsys.readouterr().err
-    assert err.count("finished earlier, skipped") == 5 + 2 + 1, err[-3000:]  # 5 points, 2 sweep runs, MEND training
-    assert "running (massedit" not in err
+    from massedit.tasks.reproduce import load_reproduce_config, reproduce_job
+
+    again = reproduce_job(load_reproduce_config("scaling", tiny_args(tiny_dir, data, out)))
+    assert again["ran"] == []
+    assert len(again["skipped"]) == 5 + 2 + 1, again["skipped"]  # 5 points, 2 sweep runs, MEND training
+    assert [(r["method"], r["n_edits"], r["score"]) for r in again["rows"]] == \
+        [(r["method"], r["n_edits"], r["score"]) for r in res["rows"]]
     for p, t in mtimes.items():
         if p.parent != out:
             assert p.stat().st_mtime_ns == t, p
@@ -126,7 +128,9 @@ def test_reproduce_memit_points_share_the_z_cache(tiny_dir, data, tmp_path, monk
 
     monkeypatch.setenv("MASSEDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MASSEDIT_PROGRESS", "0")
-    data = {"dev": data["train"], "train": data["train"]}  # six records in one file (dev may be any format)
+    dev = tmp_path / "dev3.json"
+    dev.write_text(json.dumps(json.loads(BUILTIN.read_text())[:3]))
+    data = {**data, "dev": dev}
     cfg = load_reproduce_config("scaling", tiny_args(tiny_dir, data, tmp_path / "r", counts=(1, 2), methods=("memit",)))
     res = reproduce_job(cfg)
     assert res["ran"] == ["memit-n1", "memit-n2"]

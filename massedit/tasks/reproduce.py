@@ -360,10 +360,9 @@ def mend_editor(cfg: ReproduceConfig, out: Path, stats) -> tuple[str, dict]:
     iters = int(cfg.mend.train_iters)
     ov = mend_train_overrides(cfg, out)
     point = Point("mend", 0, "mend-train", "data.mend_train", ov, run_dir)
-    done = finished_result(point)
-    if done is None:  # interrupted: continue from the last checkpoint, or start again when there is none yet
-        again = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else ["overwrite=true"]
-        done = run_point(point, stats, command="train", continue_with=again)
+    # finished: reused; interrupted: continued from its last checkpoint, or started again when it has none yet
+    again = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else ["overwrite=true"]
+    done = run_point(point, stats, command="train", continue_with=again)
     editor = done.get("editor") or str(run_dir / "mend_editor.pt")
     return editor, {"checkpoint": editor, "trained_here": True, "train_iters": iters,
                     "command": edit_command(ov, "train"), "wall_seconds": done["_point"]["wall_seconds"]}
