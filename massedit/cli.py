@@ -6,6 +6,7 @@
     massedit eval  [group=option ...] [key=value ...]     evaluation only (= edit mode=eval), e.g. deltas=PATH
     massedit stats [group=option ...] [key=value ...]     precompute / import / export second-moment statistics
     massedit sweep SWEEP.yaml [--out DIR] [--set k=v ...]  run a W&B sweep file offline (Optuna)
+    massedit reproduce {scaling,table2} [key=value ...]   the paper's scaling curves / Table 2 (resumable)
 
 Options of edit/train/eval/stats: ``--cfg`` prints the composed config and exits; ``--config-dir DIR`` adds a
 directory of config files in front of the package's (also ``MASSEDIT_CONFIG_DIR``). Exit codes: 0 ok, 2 bad input
@@ -21,16 +22,18 @@ from typing import Callable, Sequence
 
 log = logging.getLogger("massedit")
 
-COMMANDS = ("edit", "train", "eval", "stats", "sweep")
+COMMANDS = ("edit", "train", "eval", "stats", "sweep", "reproduce")
 
 USAGE = """usage: massedit {{edit,train,eval,stats}} [group=option ...] [key=value ...] [--cfg] [--config-dir DIR]
        massedit sweep SWEEP.yaml [options]      (massedit sweep --help)
+       massedit reproduce {{scaling,table2}} output_dir=DIR data.dev=FILE [key=value ...]   (--help)
 
   edit    edit a model and evaluate it before and after (default: MEMIT on SmolLM2, built-in requests)
   train   train FT-W on edit requests, or a MEND hypernetwork
   eval    evaluate only (the model as loaded, or before/after deltas=PATH)
   stats   precompute second-moment statistics (stats.layers=[...], stats.export_dir=DIR)
   sweep   run a W&B sweep file offline on Optuna (grid / random / bayes=TPE), resumable
+  reproduce  the paper's scaling curves (scaling) or Table 2 (table2) as edit jobs, resumable
 
 Config groups (configs/<group>/<option>.yaml): {groups}
 Examples:
@@ -52,6 +55,10 @@ def _job_entry(command: str) -> str:
 
 
 def _runner(command: str) -> Callable:
+    if command == "reproduce":
+        from massedit.tasks.reproduce import run_reproduce
+
+        return lambda job: run_reproduce(*job)
     if command in ("edit", "eval"):
         from massedit.tasks.edit import edit_job
 
@@ -92,6 +99,13 @@ def run_command(command: str, argv: Sequence[str] | None = None, prog: str | Non
         from massedit.tasks.sweep import main as sweep_main
 
         return sweep_main(argv)
+    if command == "reproduce":
+        try:
+            job = _reproduce_args(argv)
+            return 0 if job is None else _run_job(command, job)
+        except _known_errors() as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from massedit.tasks.config import compose, groups, to_yaml
 
     if any(a in ("-h", "--help") for a in argv):
@@ -115,6 +129,14 @@ def run_command(command: str, argv: Sequence[str] | None = None, prog: str | Non
     except _rank_failed() as e:  # another rank failed (its own message came first); this one did its part
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _reproduce_args(argv: list[str]):
+    """``(config, show_cfg)`` of ``massedit reproduce``; None after ``--help``."""
+    from massedit.tasks.reproduce import parse_args
+
+    cfg, show = parse_args(argv)
+    return None if cfg is None else (cfg, show)
 
 
 def _rank_failed() -> type[BaseException]:

@@ -25,6 +25,7 @@ from massedit.core.collective import agree_on_tensors, broadcast_tensors
 from massedit.core.deltas import apply_deltas, check_deltas, revert_deltas, save_deltas
 from massedit.core.guards import EditGuardConfig, check_update_norms
 from massedit.core.placement import param_storage
+from massedit.core.profiling import stage
 from massedit.editing.editor import Editor
 from massedit.trainer import collective_for
 
@@ -91,17 +92,18 @@ class ApplyEdit(pl.Callback):
             return
         model, tok = self.language_model(pl_module), self._tok(pl_module)
         t0 = time.time()
-        with torch.inference_mode(False), torch.enable_grad():
+        with stage("edit"), torch.inference_mode(False), torch.enable_grad():  # stages: core/profiling.py
             deltas = self._distributed_edit(trainer, model, tok)
-            check_deltas(model, deltas)  # names and shapes
-            check_update_norms(deltas, {n: param_storage(model, n) for n in deltas}, self.max_relative_norm,
-                               source=str(getattr(self.editor, "method", type(self.editor).__name__)))  # NaN/Inf, runaway
-            self._backup = apply_deltas(model, deltas)
-        self.deltas, self.seconds = deltas, time.time() - t0
-        if self.save_path is not None and trainer.is_global_zero:
-            meta = {"method": str(getattr(self.editor, "method", type(self.editor).__name__)),
-                    "num_requests": str(len(self.requests)), **{k: str(v) for k, v in self.metadata.items()}}
-            self.saved_to = save_deltas(self.save_path, deltas, meta)
+            with stage("apply"):
+                check_deltas(model, deltas)  # names and shapes
+                check_update_norms(deltas, {n: param_storage(model, n) for n in deltas}, self.max_relative_norm,
+                                   source=str(getattr(self.editor, "method", type(self.editor).__name__)))  # NaN/Inf
+                self._backup = apply_deltas(model, deltas)
+                self.deltas, self.seconds = deltas, time.time() - t0
+                if self.save_path is not None and trainer.is_global_zero:
+                    meta = {"method": str(getattr(self.editor, "method", type(self.editor).__name__)),
+                            "num_requests": str(len(self.requests)), **{k: str(v) for k, v in self.metadata.items()}}
+                    self.saved_to = save_deltas(self.save_path, deltas, meta)
         log.info("edited %d request(s) in %.1f s%s", len(self.requests), self.seconds,
                  f"; deltas saved to {self.saved_to}" if self.saved_to else "")
         self._done = True

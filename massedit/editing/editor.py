@@ -20,6 +20,7 @@ import torch
 from massedit.core.collective import Collective, is_distributed
 from massedit.core.deltas import Deltas
 from massedit.core.guards import check_second_moment
+from massedit.core.profiling import stage
 from massedit.editing.context_templates import sample_memit_templates, sample_rome_templates
 from massedit.editing.hparams import EditHparams
 from massedit.editing.target_cache import TargetCache
@@ -91,12 +92,14 @@ class RomeMemitEditor:
         if self.context_templates is None:
             t0 = time.time()
             hp = self.hparams
-            if self.method == "rome":
-                self.context_templates = sample_rome_templates(model, tok, hp.context_template_length_params,
-                                                               seed=self.template_seed)
-            else:
-                self.context_templates = sample_memit_templates(model, tok, hp.memit_template_prompts,
-                                                                hp.memit_template_length_params, seed=self.template_seed)
+            with stage("templates"):
+                if self.method == "rome":
+                    self.context_templates = sample_rome_templates(model, tok, hp.context_template_length_params,
+                                                                   seed=self.template_seed)
+                else:
+                    self.context_templates = sample_memit_templates(model, tok, hp.memit_template_prompts,
+                                                                    hp.memit_template_length_params,
+                                                                    seed=self.template_seed)
             log.info("sampled %s context templates in %.1f s", self.method, time.time() - t0)
         return self.context_templates
 
@@ -115,7 +118,8 @@ class RomeMemitEditor:
         if self.stats_provider is None:
             raise ValueError(f"{self.method} needs second-moment statistics: give the editor a stats provider")
         t0 = time.time()
-        C = self.stats_provider(model, tok, list(layers))
+        with stage("stats"):
+            C = self.stats_provider(model, tok, list(layers))
         missing = [l for l in layers if int(l) not in C]
         if missing:
             raise RuntimeError(f"statistics provider returned no C for layers {missing}")

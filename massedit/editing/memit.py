@@ -27,6 +27,8 @@ from massedit.core.deltas import Deltas
 from massedit.core.placement import param_storage
 from massedit.core.guards import EditGuardError, check_finite
 from massedit.core.models import model_fingerprint
+from massedit.core.profiling import stage
+from massedit.core.progress import progress_bar
 from massedit.editing.context_templates import as_groups, flatten
 from massedit.editing.hparams import EditHparams
 from massedit.editing.keys import bare_prompt_io, memit_keys
@@ -115,6 +117,9 @@ def _compute_targets_here(model, tok, requests, hp: EditHparams, templates: Sequ
         for i, k in enumerate(keys):
             results[i] = cache.get(k)
     todo = [i for i, r in enumerate(results) if r is None]
+    if cache is not None:
+        log.info("memit z: %d of %d request(s) from the target cache %s, %d to optimise", len(requests) - len(todo),
+                 len(requests), cache.dir, len(todo))
     if todo:
         def on_result(j, res):
             if cache is not None:
@@ -178,8 +183,9 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
     shards = request_shards(tok, requests, hp, flat, collective)
     timing: dict = {}
     if targets is None:
-        targets = compute_targets(model, tok, requests, hp, flat, cache=cache, progress=progress, collective=collective,
-                                  shards=shards, timing=timing)
+        with stage("z"):
+            targets = compute_targets(model, tok, requests, hp, flat, cache=cache, progress=progress,
+                                      collective=collective, shards=shards, timing=timing)
     for t in targets:  # before any weight is written
         check_finite(t.target, f"memit: target z of request case_id={t.case_id}", hint=_Z_HINT)
     solver = torch.device(hp.solver_device) if getattr(hp, "solver_device", None) else device
@@ -187,28 +193,31 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
     originals = {l: adapter.rewrite_weight(l).detach().clone() for l in layers}
     deltas: Deltas = {}
     per_layer = []
-    for i, l in enumerate(layers):
-        K, H = keys_and_hidden(model, tok, adapter, l, L, requests, groups, hp.fact_token, collective, shards, timing)
-        K, H = K.to(solver), H.to(solver)  # [m, N], [d, N]
-        E = Z - H
-        check_finite(K, f"memit: keys K of layer {l}", hint="the model's weights or inputs hold NaN/Inf")
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
-        except torch.linalg.LinAlgError as e:
-            raise EditGuardError(f"memit: λC + KKᵀ of layer {l} is singular ({e}); check the statistics") from None
-        _add_times(timing, "solve", t0, c0)
-        check_finite(A, f"memit: solve (λC + KKᵀ)⁻¹K of layer {l} (λ=method.mom2_update_weight="
-                     f"{hp.mom2_update_weight})", hint="C is singular or corrupt: check the statistics")
-        check_finite(upd, f"memit: update ΔW of layer {l}")
-        w = adapter.rewrite_weight(l)
-        upd_param = adapter.to_param_layout(upd).float()
-        with torch.no_grad():
-            w.copy_((originals[l].float() + upd_param.to(w.device)).to(w.dtype))
-        deltas[adapter.rewrite_weight_name(l)] = upd_param.cpu()
-        if keep_intermediates:
-            per_layer.append({"layer": l, "i": i, "weight_name": adapter.rewrite_weight_name(l), "K": K.cpu(), "H": H.cpu(),
-                              "E": E.cpu(), "A": A.cpu(), "E_l": E_l.cpu()})
+    with stage("keys_solve"), progress_bar(len(layers), "memit keys+solve", unit="layer", transient=True,
+                                           enabled=progress and (collective is None or collective.rank == 0)) as bar:
+        for i, l in enumerate(layers):
+            K, H = keys_and_hidden(model, tok, adapter, l, L, requests, groups, hp.fact_token, collective, shards, timing)
+            K, H = K.to(solver), H.to(solver)  # [m, N], [d, N]
+            E = Z - H
+            check_finite(K, f"memit: keys K of layer {l}", hint="the model's weights or inputs hold NaN/Inf")
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                A, E_l, upd = memit_layer_update(K, E, C_by_layer[l], hp.mom2_update_weight, i, len(layers))
+            except torch.linalg.LinAlgError as e:
+                raise EditGuardError(f"memit: λC + KKᵀ of layer {l} is singular ({e}); check the statistics") from None
+            _add_times(timing, "solve", t0, c0)
+            check_finite(A, f"memit: solve (λC + KKᵀ)⁻¹K of layer {l} (λ=method.mom2_update_weight="
+                         f"{hp.mom2_update_weight})", hint="C is singular or corrupt: check the statistics")
+            check_finite(upd, f"memit: update ΔW of layer {l}")
+            w = adapter.rewrite_weight(l)
+            upd_param = adapter.to_param_layout(upd).float()
+            with torch.no_grad():
+                w.copy_((originals[l].float() + upd_param.to(w.device)).to(w.dtype))
+            deltas[adapter.rewrite_weight_name(l)] = upd_param.cpu()
+            if keep_intermediates:
+                per_layer.append({"layer": l, "i": i, "weight_name": adapter.rewrite_weight_name(l), "K": K.cpu(), "H": H.cpu(),
+                                  "E": E.cpu(), "A": A.cpu(), "E_l": E_l.cpu()})
+            bar.update(1)
     per_rank = collective.all_gather_object(timing) if is_distributed(collective) else [timing]
     inter = {"Z": Z.cpu(), "z_layer": L, "layers": layers, "lambda": hp.mom2_update_weight, "per_layer": per_layer,
              "timing_per_rank": per_rank,

@@ -48,7 +48,7 @@ from massedit.trainer import TrainerConfig, resolve_precision
 from massedit.core.errors import InputError
 
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-NON_GROUP_DIRS = ("hparams", "sweeps")
+NON_GROUP_DIRS = ("hparams", "sweeps", "reproduce")
 
 METHOD_SCHEMAS: dict[str, type] = {
     "rome": RomeConfig, "memit": MemitConfig, "ft": FTConfig, "ftl": FTConfig, "ftw": FTConfig, "mend": MendConfig,

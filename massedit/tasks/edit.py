@@ -20,7 +20,9 @@ from typing import Any
 
 from massedit.callbacks.apply_edit import ApplyEdit
 from massedit.core.deltas import delta_norms
-from massedit.core.io import atomic_write_json
+from massedit.core.io import atomic_write_json, atomic_write_text
+from massedit.core.profiling import StageProfiler, activate, stage, timing_markdown
+from massedit.core.profiling import active as active_profiler
 from massedit.core.models import load_model_and_tokenizer
 from massedit.editing.context_templates import save_context_templates
 from massedit.editing.editor import RomeMemitEditor, SavedDeltasEditor
@@ -42,41 +44,45 @@ def edit_job(job) -> dict[str, Any]:
     """Run the job described by ``job`` (an :class:`~massedit.tasks.config.EditJobConfig`, or a train job of FT)."""
     require_script_launch(job.trainer, f"massedit {getattr(job, 'mode', 'edit')}")
     check_device_map(job.trainer, job.model.device_map)
-    checked = validate_job(job)  # everything checkable before the run directory exists (tasks/validate.py)
-    requests = checked.requests
-    run = setup_run(job, run_dir=checked.run_dir)
-    trainer, failed = None, True
-    try:
-        log.info("%d edit requests from %s", len(requests), job.data.path)
-        trainer = build_trainer(job.trainer, model_dtype=job.model.torch_dtype, logger=run.logger)
-        start_ranks(trainer, run)  # several devices: all ranks from here on, one run directory (rank 0's)
-        if trainer.is_global_zero:
-            log_memory_estimate(job, log)
-        model, tok = load_model_and_tokenizer(job.model)
-        place_model(model, trainer)
-        if getattr(job, "mode", "edit") == "eval":
-            results = eval_job(job, run, trainer, model, tok, requests)
-        else:
-            results = _edit_and_evaluate(job, run, trainer, model, tok, requests)
-            if trainer.is_global_zero:
-                print(f"\nOutputs written to {run.dir}")
-        failed = False
-        return results
-    finally:
-        run.finish()
-        finish_ranks(trainer, failed)  # rank 0: a failure on any other rank fails the job
+    with activate(StageProfiler()):  # wall time and peak memory per stage: results.json's `timing` block
+        with stage("validate"):
+            checked = validate_job(job)  # everything checkable before the run directory exists (tasks/validate.py)
+        requests = checked.requests
+        run = setup_run(job, run_dir=checked.run_dir)
+        trainer, failed = None, True
+        try:
+            log.info("%d edit requests from %s", len(requests), job.data.path)
+            trainer = build_trainer(job.trainer, model_dtype=job.model.torch_dtype, logger=run.logger)
+            start_ranks(trainer, run)  # several devices: all ranks from here on, one run directory (rank 0's)
+            with stage("load"):
+                if trainer.is_global_zero:
+                    log_memory_estimate(job, log)
+                model, tok = load_model_and_tokenizer(job.model)
+                place_model(model, trainer)
+            if getattr(job, "mode", "edit") == "eval":
+                results = eval_job(job, run, trainer, model, tok, requests)
+            else:
+                results = _edit_and_evaluate(job, run, trainer, model, tok, requests)
+                if trainer.is_global_zero:
+                    print(f"\nOutputs written to {run.dir}")
+            failed = False
+            return results
+        finally:
+            run.finish()
+            finish_ranks(trainer, failed)  # rank 0: a failure on any other rank fails the job
 
 
 def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any]:
     module, dm = evaluation_components(model, tok, requests, job.eval)
     pre = None
     if job.eval.pre:
-        cache = pre_eval_cache_path(model, requests, job.eval) if job.eval.cache_pre else None
-        pre = rank0_value(trainer, load_cached_result(cache) if cache is not None else None)  # one branch, all ranks
-        if pre is None:
-            pre = evaluation_stage(trainer, module, dm, "pre")
-            if cache is not None and trainer.is_global_zero:
-                save_cached_result(cache, pre)
+        with stage("pre_eval"):  # (a cached result: the time to read it)
+            cache = pre_eval_cache_path(model, requests, job.eval) if job.eval.cache_pre else None
+            pre = rank0_value(trainer, load_cached_result(cache) if cache is not None else None)  # one branch
+            if pre is None:
+                pre = evaluation_stage(trainer, module, dm, "pre")
+                if cache is not None and trainer.is_global_zero:
+                    save_cached_result(cache, pre)
 
     deltas_file = getattr(job, "deltas", None)
     if deltas_file:
@@ -95,7 +101,8 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
     t0 = time.time()
     post = None
     if job.eval.post:
-        post = evaluation_stage(trainer, module, dm, "post")  # ApplyEdit edits at on_test_start
+        with stage("post_eval"):  # its own time excludes the edit (stage "edit", nested: ApplyEdit at on_test_start)
+            post = evaluation_stage(trainer, module, dm, "post")
     else:
         apply.apply(trainer, module)
     edit_s = apply.seconds if apply.seconds is not None else time.time() - t0
@@ -107,6 +114,7 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
         results["pre"] = pre.summary if pre is not None else None
         results.update({k: post.summary.get(k) for k in SUMMARY_KEYS if k in post.summary})
     results["eval"] = eval_results(pre, post)
+    results["timing"] = current_timing()
     if trainer.is_global_zero:
         if editor.info:
             run.save_json(f"{job.method.name}_info.json", editor.info)
@@ -115,6 +123,7 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
             save_context_templates(run.dir / "context_templates.json", templates)
         if post is not None or pre is not None:
             results["table"] = report(run, pre, post, title=f"{job.method.name} on {job.model.name}", requests=requests)
+            append_timing(run.dir / "summary.md", results["timing"])
         hf_dir = getattr(getattr(job, "export", None), "hf_dir", None)
         if hf_dir and apply.deltas is not None:
             results["export"] = str(export_edited_model(job, model, tok, requests, apply.deltas, editor.info))
@@ -125,6 +134,19 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
         run.log_summary({"edit/seconds": edit_s})
         log_edit_artifacts(job, run, apply, provider)
     return results
+
+
+def current_timing() -> dict[str, Any] | None:
+    """The stages timed so far by the active profiler (:mod:`massedit.core.profiling`)."""
+    prof = active_profiler()
+    return prof.summary() if prof is not None else None
+
+
+def append_timing(summary_md, timing: dict[str, Any] | None) -> None:
+    """Add the time-and-memory table to the run's ``summary.md`` (atomic rewrite)."""
+    if timing is None or not summary_md.exists():
+        return
+    atomic_write_text(summary_md, summary_md.read_text().rstrip("\n") + "\n\n" + timing_markdown(timing))
 
 
 def export_edited_model(job, model, tok, requests, deltas, info) -> "os.PathLike":

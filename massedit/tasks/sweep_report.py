@@ -112,15 +112,7 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, logx: bool | None
             ax.plot([xs[bi]], [by], marker="*", ms=18, color="gold", mec="black", zorder=5,
                     label=f"best {summary['metric']} ({_cell(best.get('metric'))})")
     if numeric:
-        pos = [v for v in xs if v > 0]
-        span = max(pos) / min(pos) if pos else 1.0
-        if logx or (logx is None and pos and span >= 10):
-            if min(xs) <= 0:
-                ax.set_xscale("symlog", linthresh=min(pos))
-            else:
-                ax.set_xscale("log")
-                if all(float(v).is_integer() for v in xs):
-                    ax.set_xticks(xs, [str(int(v)) for v in xs])
+        set_x_scale(ax, xs, logx)
     else:
         ax.set_xticks(xs, [str(v) for v in (xs_raw[i] for i in order)], rotation=30)
     ax.set_xlabel(x or "trial")
@@ -128,6 +120,79 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, logx: bool | None
     ax.set_title(f"Sweep {summary['name']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def set_x_scale(ax, xs, logx: bool | None) -> None:
+    """Log-scaled x axis when ``logx`` (``None``: when the positive values span a factor of 10 or more); symlog when
+    a value is ≤ 0; integer values label their own ticks."""
+    pos = [v for v in xs if v > 0]
+    span = max(pos) / min(pos) if pos else 1.0
+    if logx or (logx is None and pos and span >= 10):
+        if min(xs) <= 0:
+            ax.set_xscale("symlog", linthresh=min(pos))
+        else:
+            ax.set_xscale("log")
+            ticks = sorted(set(xs))
+            if all(float(v).is_integer() for v in ticks):
+                from matplotlib.ticker import NullFormatter
+
+                ax.set_xticks(ticks, [str(int(v)) for v in ticks])
+                ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+METHOD_COLUMNS = {"efficacy_success": "Efficacy (ES)", "paraphrase_success": "Generalisation (PS)",
+                  "neighborhood_success": "Specificity (NS)", "score": "Score"}
+
+
+def plot_methods(rows, path: str | Path, *, x: str = "n_edits", logx: bool | None = True,
+                 title: str = "") -> Path | None:
+    """One panel per metric (ES, PS, NS, Score) against ``x`` with one line per ``row["method"]`` and its 95%
+    confidence band (``<metric>_ci``); dotted grey: the unedited model on the same records (``pre_<metric>``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from massedit.core.io import atomic_path
+
+    rows = [r for r in rows if _as_float(r.get(x)) is not None]
+    if not rows:
+        return None
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    nan = float("nan")
+    fig, axes = plt.subplots(1, len(METHOD_COLUMNS), figsize=(4.2 * len(METHOD_COLUMNS), 3.8), sharex=True)
+    for ax, (c, label) in zip(axes, METHOD_COLUMNS.items()):
+        for k, m in enumerate(methods):
+            mine = sorted((r for r in rows if r["method"] == m), key=lambda r: float(r[x]))
+            xs = [float(r[x]) for r in mine]
+            ys = [_as_float(r.get(c)) for r in mine]
+            ax.plot(xs, [v if v is not None else nan for v in ys], "o-", color=f"C{k}", label=m, lw=1.8)
+            ci = [_as_float(r.get(f"{c}_ci")) for r in mine]
+            if any(v is not None for v in ci):
+                lo = [a - b if a is not None and b is not None else nan for a, b in zip(ys, ci)]
+                hi = [a + b if a is not None and b is not None else nan for a, b in zip(ys, ci)]
+                ax.fill_between(xs, lo, hi, color=f"C{k}", alpha=0.15, lw=0)
+        pre = {}
+        for r in rows:
+            if _as_float(r.get(f"pre_{c}")) is not None:
+                pre.setdefault(float(r[x]), _as_float(r[f"pre_{c}"]))
+        if pre:
+            px = sorted(pre)
+            ax.plot(px, [pre[v] for v in px], ":", color="gray", lw=1.2, label="unedited")
+        set_x_scale(ax, [float(r[x]) for r in rows], logx)
+        ax.set_title(label)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("% (after the edits)")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
