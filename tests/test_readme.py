@@ -17,7 +17,7 @@ README = REPO / "README.md"
 # the data variables the README defines once ($CF, ...): composing does not read the files
 VARS = {"CF": "counterfact.json", "CF_REDUCED": "counterfact_reduced_train.json", "ZSRE": "zsre_eval.json",
         "ZSRE_TRAIN": "zsre_train.json", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2"}
-JOBS = ("edit", "eval", "train", "stats")
+JOBS = ("edit", "eval", "train", "stats", "reproduce")
 
 
 def _shell_blocks(text: str) -> list[str]:
@@ -85,7 +85,16 @@ def test_readme_command_composes(job, args, tmp_path):
         config_dir = [str(d)]
         del args[i:i + 2]
     overrides = [a for a in args if "=" in a]
+    if job == "reproduce":  # `massedit reproduce EXPERIMENT key=value ...`
+        overrides = args[:1] + overrides
     assert len(overrides) == len(args), f"unexpected arguments in a README command: {args}"
+    if job == "reproduce":
+        from massedit.tasks.reproduce import load_reproduce_config
+
+        experiment, rest = args[0], args[1:]
+        assert experiment in ("scaling", "table2"), args
+        load_reproduce_config(experiment, rest)
+        return
     if job == "stats":
         job = "edit"  # `massedit stats` composes the edit config (docs/readme/stats.md)
     if any(a.startswith("model.name_or_path=/") for a in overrides):

@@ -76,7 +76,7 @@ class MethodSettings:
 @dataclass
 class FtwSettings(MethodSettings):
     weight_decay: float | None = None  # null: choose it by the sweep below; a value: use it (no sweep)
-    weight_decays: list[float] = field(default_factory=lambda: [0.0, 1.0e-3, 1.0e-2, 1.0e-1, 1.0])
+    weight_decays: list[float] = field(default_factory=lambda: [0.0, 10.0, 100.0, 300.0, 1000.0])  # lr*wd range of FT-W
     sweep_edits: int = 10              # records per sweep run (the first ones after sweep_offset of data.dev)
     sweep_offset: int = 0
 
