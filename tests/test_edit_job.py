@@ -120,3 +120,16 @@ def test_edit_cli_memit_exit_code_0(tiny_dir, tmp_path, monkeypatch):
     argv = _overrides("memit", tiny_dir, out)
     assert run_command("edit", list(argv)) == 0
     _check_run_dir(out, "memit", compose("edit", argv), json.loads((out / "summary.json").read_text()))
+
+
+@pytest.mark.parametrize("method", ["ftw", "memit"])
+def test_edit_cli_with_progress_bars_on(method, tiny_dir, tmp_path, monkeypatch):
+    """With the default progress bars (rich): FT-W's own Trainer runs inside the edit stage of the job's Trainer, whose
+    bar is live — two RichProgressBars broke the console's live stack (IndexError at teardown, exit 1)."""
+    from massedit.cli import run_command
+
+    monkeypatch.setenv("MASSEDIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    argv = [a for a in _overrides(method, tiny_dir, out) if a != "trainer.enable_progress_bar=false"]
+    assert run_command("edit", argv) == 0
+    assert (out / "deltas.safetensors").exists()

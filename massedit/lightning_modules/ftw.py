@@ -8,6 +8,8 @@ every batch, stop when an epoch's mean loss is below ``stop_loss_below``.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import time
@@ -146,6 +148,11 @@ def fit_ft(model: nn.Module, tok, requests: Sequence, cfg: FTConfig, trainer_cfg
         with quiet_lightning(), keep_device(model):  # Lightning's teardown would move the module to the CPU
             # several devices: DDP over the requests (RequestBatchSampler splits every batch). Inside a running
             # multi-rank job this Trainer joins the existing ranks and process group (nothing is launched again).
+            if _inside_live_display() and trainer_cfg is not None and trainer_cfg.enable_progress_bar:
+                # FT inside another Trainer's stage (ApplyEdit in the edit job): that stage's rich bar is live, and a
+                # second RichProgressBar would tear the console's live stack down under it (IndexError at teardown)
+                trainer_cfg = dataclasses.replace(trainer_cfg, enable_progress_bar=False)
+                log.info("FT: training inside the running stage: no second progress bar (epoch losses go to the logger and the results)")
             trainer = build_trainer(trainer_cfg, model_dtype=next(model.parameters()).dtype,
                                     logger=logger if logger is not None else False, callbacks=list(callbacks or []),
                                     max_epochs=int(cfg.epochs), max_steps=int(cfg.max_steps),
@@ -167,6 +174,16 @@ def fit_ft(model: nn.Module, tok, requests: Sequence, cfg: FTConfig, trainer_cfg
     return FTResult(deltas=deltas, param_names=list(params), weight_decay=wd,
                     epoch_losses=list(module.epoch_mean_losses), optimizer_steps=module.optimizer_steps,
                     skipped_batches=module.skipped_batches, seconds=time.time() - t0)
+
+
+def _inside_live_display() -> bool:
+    """Whether a rich live display (another stage's progress bar) is running on the console."""
+    try:
+        import rich
+
+        return bool(getattr(rich.get_console(), "_live_stack", None))
+    except Exception:  # noqa: BLE001 - no rich: no live display
+        return False
 
 
 class FTEditor:
