@@ -51,6 +51,20 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_figure(fig, path) -> Path:
+    """Write ``fig`` as a PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from massedit.core.io import atomic_path
+
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_summary(summary: Mapping[str, Any], path: str | Path, logx: bool | None = None) -> Path | None:
     """Efficacy, paraphrase (generalisation), neighbourhood (specificity) and Score after the edit against the swept
     value, with their 95% confidence intervals as bands; dashed: the unedited model. ``logx``: log-scaled x axis
@@ -60,7 +74,6 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, logx: bool | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from massedit.core.io import atomic_path
 
     x = summary["x"]
     rows = [r for r in summary["rows"] if r["status"] == "finished"]
@@ -120,12 +133,7 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, logx: bool | None
     ax.set_title(f"Sweep {summary['name']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def set_x_scale(ax, xs, logx: bool | None) -> None:
@@ -159,7 +167,6 @@ def plot_methods(rows, path: str | Path, *, x: str = "n_edits", logx: bool | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from massedit.core.io import atomic_path
 
     rows = [r for r in rows if _as_float(r.get(x)) is not None]
     if not rows:
@@ -193,12 +200,7 @@ def plot_methods(rows, path: str | Path, *, x: str = "n_edits", logx: bool | Non
     axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_summary(out_dir: str | Path, spec, summary: Mapping[str, Any],
