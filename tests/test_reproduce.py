@@ -138,6 +138,27 @@ def test_reproduce_memit_points_share_the_z_cache(tiny_dir, data, tmp_path, monk
     assert info["targets"]["from_cache"] == 1 and info["targets"]["n"] == 2
 
 
+def test_two_experiments_with_one_points_dir_share_their_points(tiny_dir, data, tmp_path, monkeypatch):
+    """scaling then table2 with the same points_dir: table2 runs nothing it shares (MEMIT at 1 edit), each
+    experiment keeps its own results and manifest in its output_dir."""
+    from massedit.tasks.reproduce import load_reproduce_config, reproduce_job
+
+    monkeypatch.setenv("MASSEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MASSEDIT_PROGRESS", "0")
+    pts = f"points_dir={tmp_path / 'points'}"
+    a = reproduce_job(load_reproduce_config("scaling", [*tiny_args(tiny_dir, data, tmp_path / "a", counts=(1,),
+                                                                   methods=("memit",)), pts]))
+    assert a["ran"] == ["memit-n1"] and (tmp_path / "points" / "runs" / "memit-n1" / "point.json").is_file()
+    b = reproduce_job(load_reproduce_config("table2", [*tiny_args(tiny_dir, data, tmp_path / "b", counts=(1,),
+                                                                  methods=("memit",)), pts]))
+    assert b["ran"] == [] and b["skipped"] == ["memit-n1"]
+    assert b["rows"][0]["score"] == a["rows"][0]["score"]
+    for d, exp in (("a", "scaling"), ("b", "table2")):
+        assert json.loads((tmp_path / d / "results.json").read_text())["experiment"] == exp
+        assert json.loads((tmp_path / d / "manifest.json").read_text())["experiment"] == exp
+    assert not (tmp_path / "a" / "runs").exists() and not (tmp_path / "b" / "runs").exists()
+
+
 def test_reproduce_missing_data_path_exits_2_before_any_model_load(tmp_path, capsys, monkeypatch):
     from massedit.cli import main
 

@@ -14,7 +14,7 @@ import torch
 from massedit.core.adapters import PrefixKVCache, get_adapter
 from massedit.data.requests import EditRequest
 from massedit.editing.hparams import EditHparams, HparamsError
-from massedit.editing.targets import build_target_problem, optimise_targets
+from massedit.editing.targets import build_target_problem, optimise_targets, pack_rows, suffix_spans
 from massedit.testing import FAMILIES, tiny_model
 
 TEMPLATES = ["{}", "The city. {}", "I think that this is what they said. {}"]
@@ -107,14 +107,14 @@ def test_suffix_equals_full_float32_batched(family):
 
 
 def test_suffix_runs_only_the_suffix_and_the_frozen_blocks_once():
-    """Blocks up to the edit point run once per group; blocks above it see only the suffix positions per step
-    (a silent fall-back to whole rows would fail here); no module of the model is replaced."""
+    """Blocks up to the edit point run once per group; blocks above it see only the suffix positions per step, in
+    length buckets (a silent fall-back to whole rows would fail here); no module of the model is replaced."""
     model, tok = tiny_model("llama", seed=0)
     a = get_adapter(model)
     before = {n: id(m) for n, m in model.named_modules()}
     calls = {0: [], 3: []}
     hooks = [a.block(i).register_forward_pre_hook(lambda m, args, kw, i=i: calls[i].append(
-        (args[0] if args else kw["hidden_states"]).shape[1]), with_kwargs=True) for i in calls]
+        tuple((args[0] if args else kw["hidden_states"]).shape[:2])), with_kwargs=True) for i in calls]
     try:
         hp = _hp(True, v_num_grad_steps=4, early_stop_loss=0.0)
         res = _run(model, tok, hp, 1, True, "suffix")
@@ -123,9 +123,14 @@ def test_suffix_runs_only_the_suffix_and_the_frozen_blocks_once():
             h.remove()
     probs = [build_target_problem(tok, r, TEMPLATES) for r in REQS]
     width = max(p.max_len for p in probs)
-    assert calls[0] == [width]                   # the frozen part: one whole-row forward
+    rows = sum(p.n_rows for p in probs)
+    assert calls[0] == [(rows, width)]           # the frozen part: one whole-row forward
     assert len(calls[3]) == 1 + hp.v_num_grad_steps  # prefix pass + one suffix pass per step
-    assert max(calls[3][1:]) < width / 2         # the suffix is short: subject token .. end of the row
+    assert calls[3][0][0] == rows                # the prefix pass: every row
+    lanes, w = calls[3][1]
+    real = sum(b - a for p in probs for a, b in suffix_spans(p))
+    assert w < width / 2                          # the suffix is short: subject token .. end of the row
+    assert lanes < rows and lanes * w < 1.5 * real  # rows share lanes: little padding
     assert all(r.n_adam_steps == 3 for r in res)
     assert {n: id(m) for n, m in model.named_modules()} == before
 
@@ -143,13 +148,13 @@ def test_broken_prefix_cache_or_positions_are_caught(family, monkeypatch):
         return max(_rel(x.target, y.target) for x, y in zip(_run(model, tok, hp, 1, True, "suffix"), full))
 
     assert err() <= TOL64
-    real_select = PrefixKVCache.select
-    with monkeypatch.context() as m:  # each row gets the prefix K/V of the next row
-        def wrong_rows(self, rows, length=None):
-            out = real_select(self, rows, length)
+    real_gather = PrefixKVCache.gather
+    with monkeypatch.context() as m:  # each lane gets the prefix K/V of the next lane
+        def wrong_rows(self, rows, positions):
+            out = real_gather(self, rows, positions)
             out.layers = {i: (k.roll(1, 0), v.roll(1, 0)) for i, (k, v) in out.layers.items()}
             return out
-        m.setattr(PrefixKVCache, "select", wrong_rows)
+        m.setattr(PrefixKVCache, "gather", wrong_rows)
         assert err() > 10 * TOL64
     adapter_cls = type(get_adapter(model))
     real_run = adapter_cls.run_blocks
@@ -177,3 +182,23 @@ def test_hparams_switches_validated():
     with pytest.raises(HparamsError, match="targets_autocast"):
         EditHparams(layers=[1], targets_autocast="int8")
     assert EditHparams(layers=[1]).targets_forward == "suffix"
+
+
+def test_pack_rows():
+    """First fit by decreasing length: every row in one lane, no lane over its width, short rows share lanes."""
+    lengths = [3, 1, 2, 6, 2, 5, 6, 1]
+    lanes = pack_rows(lengths, 6)
+    assert lanes == [[3], [6], [5, 1], [0, 2, 7], [4]]
+    assert sorted(i for lane in lanes for i in lane) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in lane) <= 6 for lane in lanes)
+    with pytest.raises(ValueError, match="row 3"):
+        pack_rows(lengths, 5)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_suffix_equals_full_packed_or_not(pack):
+    """Several rows per lane or one: the same targets (float64) as the whole-row forward."""
+    torch.set_num_threads(1)
+    model, tok = tiny_model("llama", seed=0, dtype=torch.float64)
+    hp = _hp(True, v_num_grad_steps=5, early_stop_loss=0.0, targets_pack_rows=pack)
+    _compare(_run(model, tok, hp, 1, True, "suffix"), _run(model, tok, hp, 1, True, "full"), TOL64)

@@ -265,13 +265,14 @@ class PrefixKVCache:
         kv = self.layers.get(layer_idx) or next(iter(self.layers.values()), None)
         return 0 if kv is None else int(kv[0].shape[-2])
 
-    def select(self, rows: torch.Tensor, length: int | None = None) -> "PrefixKVCache":
-        """A replaying cache of the given batch rows (and the first ``length`` prefix positions)."""
+    def gather(self, rows: torch.Tensor, positions: torch.Tensor) -> "PrefixKVCache":
+        """A replaying cache whose lane ``l`` holds at slot ``t`` the recorded keys/values of batch row
+        ``rows[l, t]`` at position ``positions[l, t]`` (both ``[L, K]``): several rows' prefixes in one lane."""
         out = PrefixKVCache()
         out.recording = False
         for i, (k, v) in self.layers.items():
-            r = rows.to(k.device)
-            out.layers[i] = (k[r, :, :length], v[r, :, :length])
+            r, p = rows.to(k.device), positions.to(k.device)
+            out.layers[i] = (k[r, :, p].transpose(1, 2).contiguous(), v[r, :, p].transpose(1, 2).contiguous())
         return out
 
 

@@ -59,7 +59,8 @@ class EditHparams:
     batch_size: int | None = None        # MEMIT: requests per batch (None = all at once); later batches
     #                                      are edited on top of the earlier ones
     batched_targets: bool = True         # optimise the z / v* of a chunk together (False: one at a time)
-    targets_max_tokens: int = 2048       # memory bound: padded tokens per batched forward/backward
+    targets_max_tokens: int = 2048       # memory bound: tokens per batched forward/backward (padded whole rows;
+    #                                      targets_forward=suffix: the rows' suffix spans, what a step runs)
     reuse_frozen_prefix: bool = True     # targets_forward=full: compute the blocks up to the edit point once per target optimisation
     #                                      (their output does not depend on δ) instead of at every step
     targets_forward: str = "suffix"      # "suffix": per step only the positions from each row's subject token on run
@@ -67,6 +68,9 @@ class EditHparams:
     #                                      unchanged prefix computed once; "full": whole rows every step (the
     #                                      reference's arithmetic; with reuse_frozen_prefix the blocks up to the edit
     #                                      point are still computed once). Same equations, equal up to float rounding
+    targets_pack_rows: bool = True       # targets_forward=suffix: several rows' short suffixes side by side in one
+    #                                      lane of the step's batch, each attending only its own row (false: one row
+    #                                      per lane, padded); only speed depends on it
     targets_autocast: str | None = None  # null | bf16 | fp16: run the frozen model's forwards of the target
     #                                      optimisation under CUDA autocast (δ, logits and loss stay float32);
     #                                      ignored on CPU

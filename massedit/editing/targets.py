@@ -16,13 +16,14 @@ template) at δ = 0. Result: the target ``v0 + δ``.
 one forward/backward per step for the whole sub-batch, each request with its own δ and its own Adam
 state, early stop and clamp (finished requests leave the batch). Rows of different requests do not
 interact, so the result equals one-at-a-time optimisation up to float rounding. Sub-batches are
-bounded by ``max_tokens`` padded tokens. Logits are formed only at the positions the loss reads
+bounded by ``max_tokens`` tokens per step (padded whole rows, or the suffix spans in the suffix mode). Logits are formed only at the positions the loss reads
 (final norm + unembedding of the gathered hidden states), which is the same arithmetic per position.
 
 **What runs per step** (``hp.targets_forward``). ``"suffix"`` (default, :class:`_SuffixForward`): the blocks up
 to the edit point and, above it, every position before the subject token are independent of δ (causal attention),
 so they run once at δ = 0 and their keys/values are cached; each step runs only the positions from the subject
-token on through the blocks above the edit point. ``"full"`` (:class:`_FullForward`): whole rows every step, as the
+token on through the blocks above the edit point (a KL row: the subject token alone), the short suffixes of several
+rows packed side by side into one lane (``hp.targets_pack_rows``) so hardly any padding is computed. ``"full"`` (:class:`_FullForward`): whole rows every step, as the
 reference; with ``hp.reuse_frozen_prefix`` from the block above ``prefix_block`` on. The equations are the same;
 the results agree up to float rounding (exactly in float64). ``hp.targets_autocast`` runs the frozen model's
 forwards under CUDA autocast; δ, logits and the loss stay float32.
@@ -213,17 +214,21 @@ def _replace_hidden(output, h):
     return h
 
 
-def _group_problems(problems: Sequence[TargetProblem], order: Sequence[int], max_tokens: int, max_requests: int | None):
-    """Greedy sub-batches (in ``order``) with padded tokens <= ``max_tokens`` (at least one request each)."""
-    groups, cur, cur_rows, cur_w = [], [], 0, 0
+def _group_problems(problems: Sequence[TargetProblem], order: Sequence[int], max_tokens: int, max_requests: int | None,
+                    suffix: bool = False):
+    """Greedy sub-batches (in ``order``) of at most ``max_tokens`` tokens per step (at least one request each): padded
+    whole rows, or with ``suffix`` the rows' suffix spans (what a step of the suffix forward runs)."""
+    groups, cur, cur_rows, cur_w, cur_tok = [], [], 0, 0, 0
     for i in order:
         p = problems[i]
         rows, w = cur_rows + p.n_rows, max(cur_w, p.max_len)
-        if cur and (rows * w > max_tokens or (max_requests and len(cur) >= max_requests)):
+        tok = cur_tok + (sum(e - s for s, e in suffix_spans(p)) if suffix else 0)
+        over = tok > max_tokens if suffix else rows * w > max_tokens
+        if cur and (over or (max_requests and len(cur) >= max_requests)):
             groups.append(cur)
-            cur, rows, w = [], p.n_rows, p.max_len
+            cur, rows, w, tok = [], p.n_rows, p.max_len, tok - cur_tok
         cur.append(i)
-        cur_rows, cur_w = rows, w
+        cur_rows, cur_w, cur_tok = rows, w, tok
     if cur:
         groups.append(cur)
     return groups
@@ -354,6 +359,15 @@ class _FullForward:
                 captured["init"] if first else None)
 
 
+def suffix_spans(p: TargetProblem) -> list[tuple[int, int]]:
+    """Per row of ``p``, the positions ``[s, e)`` that δ changes and the loss needs: from the subject token (or an
+    earlier loss position, never for the built rows) to the row's end; a KL row is read at its subject token only,
+    so its span is that one position."""
+    T = len(p.target_ids)
+    return [(min(idx, len(ids) - T), len(ids)) if k < p.n_rewrite else (idx, idx + 1)
+            for k, (ids, idx) in enumerate(zip(p.input_ids, p.lookup_idxs))]
+
+
 class _SuffixForward:
     """Only what δ changes is recomputed. δ enters the residual stream at block E (MEMIT: added to block L's output;
     ROME: to the MLP output of layer l, which the block adds to its residual unchanged, so the block output gains the
@@ -364,7 +378,7 @@ class _SuffixForward:
     attending to the cached prefix K/V plus itself (causally), at its true positions."""
 
     def __init__(self, model, adapter: ArchAdapter, problems, *, edit_module, edit_is_block, nll_layer, tok, device,
-                 pad_id):
+                 pad_id, pack: bool = True):
         self.adapter, self.device = adapter, device
         self.E = _layer_of(adapter, edit_module)
         self.final = adapter.num_layers - 1
@@ -382,15 +396,12 @@ class _SuffixForward:
         self.init = out[batch.row0.to(out.device), batch.row0_pos.to(out.device)].detach().float().clone()
         h = ArchAdapter.block_hidden(td[adapter.block_name(self.E)].output).detach()
         del td, out
-        # suffix start s per row: the subject token, or an earlier loss position (never for the built rows)
-        starts = []
-        for p in problems:
-            T = len(p.target_ids)
-            for k, (ids, idx) in enumerate(zip(p.input_ids, p.lookup_idxs)):
-                starts.append(min(idx, len(ids) - T) if k < p.n_rewrite else idx)
+        spans = [span for p in problems for span in suffix_spans(p)]
+        starts, ends = [a for a, _ in spans], [b for _, b in spans]
         dev = h.device
         self.s = torch.tensor(starts, dtype=torch.long, device=dev)
-        self.n = torch.tensor([len(r) for p in problems for r in p.input_ids], dtype=torch.long, device=dev)
+        self.n = torch.tensor(ends, dtype=torch.long, device=dev)
+        self.pack = pack
         R, W = h.shape[:2]
         P, S = int(self.s.max()), int((self.n - self.s).max())
         j = torch.arange(S, device=dev)
@@ -407,33 +418,99 @@ class _SuffixForward:
         self.sel = None
 
     def select(self, active: Sequence[int], problems, batch: _Batch) -> None:
+        """Lay the active rows' suffixes out in lanes (:func:`pack_rows`: several short suffixes side by side in one
+        lane, or one per lane without ``pack``) and prepare the lanes' inputs, true positions, attention pattern
+        (a token sees its own row's cached prefix and its own row's earlier suffix tokens: exactly the keys it has
+        in the whole row) and cached prefix K/V, and the (lane, slot) of every edit / loss entry."""
         dev = self.base.device
         rows = torch.cat([torch.arange(self.starts[i], self.starts[i] + problems[i].n_rows) for i in active]).to(dev)
-        s, n = self.s[rows], self.n[rows]
-        P, S = int(s.max()), int((n - s).max())
-        kp = torch.arange(P, device=dev)
-        ks = torch.arange(S, device=dev)
-        allowed = torch.cat([(kp[None, None, :] < s[:, None, None]).expand(len(rows), S, P),
-                             (ks[None, None, :] <= ks[None, :, None]).expand(len(rows), S, S)], dim=2)
-        self.sel = dict(
-            rows=rows, base=self.base[rows, :S], pos=self.pos[rows, :S], allowed=allowed,
-            cache=self.cache.select(rows, P),
-            edit=(batch.edit_rows.to(dev), batch.edit_pos.to(dev) - s[batch.edit_rows.to(dev)], batch.edit_req.to(dev)),
-            nll=(batch.nll_rows.to(dev), batch.nll_pos.to(dev) - s[batch.nll_rows.to(dev)]),
-            kl=(batch.kl_rows.to(dev), batch.kl_pos.to(dev) - s[batch.kl_rows.to(dev)]),
-            init=None)
-        self.sel["init"] = self.init[torch.tensor(list(active), device=self.init.device)]
+        s_l, n_l = self.s[rows].tolist(), self.n[rows].tolist()
+        lengths = [n - s for s, n in zip(s_l, n_l)]
+        width = max(lengths)
+        lanes = pack_rows(lengths, width) if self.pack else [[r] for r in range(len(rows))]
+        lane_of, off = [0] * len(rows), [0] * len(rows)
+        tok_lane, tok_slot, tok_row, tok_j = [], [], [], []       # every suffix token: where it goes, what it is
+        kv_lane, kv_slot, kv_row, kv_pos = [], [], [], []         # every cached prefix position of a lane
+        seg = torch.full((len(lanes), width), -1, dtype=torch.long)
+        kv_len = [sum(s_l[r] for r in lane) for lane in lanes] if self.cache.layers else [0] * len(lanes)
+        K = max(kv_len)
+        kv_seg = torch.full((len(lanes), K), -2, dtype=torch.long)
+        for lane_i, lane in enumerate(lanes):
+            o = t = 0
+            for r in lane:
+                lane_of[r], off[r] = lane_i, o
+                tok_lane += [lane_i] * lengths[r]
+                tok_slot += range(o, o + lengths[r])
+                tok_row += [r] * lengths[r]
+                tok_j += range(lengths[r])
+                seg[lane_i, o:o + lengths[r]] = r
+                o += lengths[r]
+                if K:
+                    kv_lane += [lane_i] * s_l[r]
+                    kv_slot += range(t, t + s_l[r])
+                    kv_row += [r] * s_l[r]
+                    kv_pos += range(s_l[r])
+                    kv_seg[lane_i, t:t + s_l[r]] = r
+                    t += s_l[r]
+        T = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        tl, ts, tr, tj = T(tok_lane), T(tok_slot), T(tok_row), T(tok_j)
+        d = self.base.shape[-1]
+        base = torch.zeros(len(lanes), width, d, dtype=self.base.dtype, device=dev)
+        base[tl, ts] = self.base[rows[tr], tj]
+        pos = torch.zeros(len(lanes), width, dtype=torch.long, device=dev)
+        pos[tl, ts] = self.pos[rows[tr], tj]
+        seg, kv_seg = seg.to(dev), kv_seg.to(dev)
+        q = torch.arange(width, device=dev)
+        # pad slots (seg -1) see the lane's other pad slots only, so no query is left without a key
+        allowed = torch.cat([kv_seg[:, None, :] == seg[:, :, None],
+                             (seg[:, None, :] == seg[:, :, None]) & (q[None, None, :] <= q[None, :, None])], dim=2)
+        # the lane's prefix K/V: slot t holds the cache's (row, position) (pad slots: any entry, never attended)
+        src_row = torch.zeros(len(lanes), K, dtype=torch.long, device=dev) + rows[0]
+        src_pos = torch.zeros(len(lanes), K, dtype=torch.long, device=dev)
+        if kv_lane:
+            src_row[T(kv_lane), T(kv_slot)] = rows[T(kv_row)]
+            src_pos[T(kv_lane), T(kv_slot)] = T(kv_pos)
+        lane_t, off_t, s_t = T(lane_of), T(off), T(s_l)
+
+        def where(r, p):  # batch-local row r, position p in the row -> (lane, slot)
+            r = r.to(dev)
+            return lane_t[r], off_t[r] + p.to(dev) - s_t[r]
+
+        self.sel = dict(base=base, pos=pos, allowed=allowed, cache=self.cache.gather(src_row, src_pos),
+                        edit=(*where(batch.edit_rows, batch.edit_pos), batch.edit_req.to(dev)),
+                        nll=where(batch.nll_rows, batch.nll_pos), kl=where(batch.kl_rows, batch.kl_pos),
+                        lanes=len(lanes), width=width, tokens=sum(lengths))
+        self.init_sel = self.init[torch.tensor(list(active), device=self.init.device)]
 
     def forward(self, batch: _Batch, D: torch.Tensor, first: bool):
         z = self.sel
-        er, ep, eq = z["edit"]
-        x = _add_at(z["base"], er, ep, D[eq.to(D.device)])
+        el, es, eq = z["edit"]
+        x = _add_at(z["base"], el, es, D[eq.to(D.device)])
         hs = self.adapter.run_blocks(x, self.E + 1, self.final, allowed=z["allowed"], position_ids=z["pos"],
                                      cache=z["cache"], keep=(self.nll_layer,))
         h_nll, h_fin = hs[self.nll_layer], hs[self.final]
-        (nr, npos), (kr, kpos) = z["nll"], z["kl"]
-        return (h_nll[nr.to(h_nll.device), npos.to(h_nll.device)], h_fin[kr.to(h_fin.device), kpos.to(h_fin.device)],
-                z["init"] if first else None)
+        (nl, ns), (kl, ks) = z["nll"], z["kl"]
+        return (h_nll[nl.to(h_nll.device), ns.to(h_nll.device)], h_fin[kl.to(h_fin.device), ks.to(h_fin.device)],
+                self.init_sel if first else None)
+
+
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Rows (by index) in lanes of ``width`` tokens, first fit by decreasing length: the suffixes of several short
+    rows share a lane, so a step computes their tokens and hardly any padding, in one dense batch."""
+    lanes: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > width:
+            raise ValueError(f"row {i}: {lengths[i]} tokens do not fit a lane of {width}")
+        for k, f in enumerate(free):
+            if f >= lengths[i]:
+                lanes[k].append(i)
+                free[k] -= lengths[i]
+                break
+        else:
+            lanes.append([i])
+            free.append(width - lengths[i])
+    return lanes
 
 
 # ------------------------------------------------------------------------------------- optimiser
@@ -452,7 +529,8 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
     with _autocast(hp, device):
         if mode == "suffix" and why_not is None:
             fwd = _SuffixForward(model, adapter, problems, edit_module=edit_module, edit_is_block=edit_is_block,
-                                 nll_layer=nll_layer, tok=tok, device=device, pad_id=pad_id)
+                                 nll_layer=nll_layer, tok=tok, device=device, pad_id=pad_id,
+                                 pack=bool(getattr(hp, "targets_pack_rows", True)))
         else:
             fwd = _FullForward(model, adapter, problems, edit_module=edit_module, edit_is_block=edit_is_block,
                                nll_layer=nll_layer, prefix_block=prefix_block, reuse=reuse, tok=tok, device=device)
@@ -548,7 +626,8 @@ def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_
     n = len(problems)
     if batched:
         order = sorted(range(n), key=lambda i: (problems[i].max_len, i))
-        groups = _group_problems(problems, order, max_tokens, None)
+        suffix = getattr(hp, "targets_forward", "full") == "suffix" and adapter.block_runner_unsupported() is None
+        groups = _group_problems(problems, order, max_tokens, None, suffix=suffix)
     else:
         groups = [[i] for i in range(n)]
     results: list[TargetResult | None] = [None] * n

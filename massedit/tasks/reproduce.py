@@ -8,9 +8,10 @@
   (Score, ES, PS, NS, GE and the token-accuracy variant), with the unedited model's row.
 
 Every point is an edit job (:func:`massedit.tasks.edit.edit_job`, in this process) in its own run directory
-``<output_dir>/runs/<method>-n<count>``; the FT-W sweep runs below ``ftw_sweep/``, MEND's training in
-``mend_train/``. Resumable: a finished point (its ``point.json``) is skipped on a rerun, an interrupted one
-continues (``resume=true``: MEMIT's z are read from the target cache ``<output_dir>/cache/targets`` shared by all
+``<points_dir>/runs/<method>-n<count>`` (``points_dir`` defaults to ``output_dir``); the FT-W sweep runs below
+``ftw_sweep/``, MEND's training in ``mend_train/``. Two experiments with the same ``points_dir`` (and different
+``output_dir``) share every point they have in common: table2's 1,000-edit MEMIT point is the scaling curve's. Resumable: a finished point (its ``point.json``) is skipped on a rerun, an interrupted one
+continues (``resume=true``: MEMIT's z are read from the target cache ``<points_dir>/cache/targets`` shared by all
 points — a z depends only on the unedited model, the request, the templates and the hparams, so the 100-edit
 point reuses those of the 10-edit one; interrupted MEND training continues from its last checkpoint).
 
@@ -94,6 +95,8 @@ class ReproduceConfig:
 
     experiment: str = "scaling"        # scaling | table2
     output_dir: str = MISSING          # the reproduction's directory (rerun with the same one to resume)
+    points_dir: str | None = None      # where the points' runs, the FT-W sweep, MEND's training and the z cache live
+    #                                    (null: output_dir); give two experiments the same one to share their points
     model: str = "smollm2-135m"        # a model option (configs/model/NAME.yaml); model.* keys go in overrides
     data: ReproduceData = field(default_factory=ReproduceData)
     counts: list[int] = field(default_factory=lambda: [10, 100, 1000, 10000])
@@ -502,13 +505,14 @@ def data_file_record(path: str | Path, n_records: int | None) -> dict[str, Any]:
 def reproduce_job(cfg: ReproduceConfig) -> dict[str, Any]:
     """Run (or resume) the reproduction; returns ``{"rows", "ran", "skipped", "files", ...}``."""
     out = Path(cfg.output_dir).expanduser().resolve()
+    work = points_root(cfg)
     sizes = {"data.dev": count_records(cfg.data.dev, "data.dev")}
     if cfg.data.train:
         sizes["data.train"] = count_records(cfg.data.train, "data.train")
     if "mend" in cfg.methods and not cfg.mend.checkpoint:
         sizes["data.mend_train"] = count_records(cfg.data.mend_train, "data.mend_train")
-    points = plan_points(cfg, out, sizes)
-    sweep = ftw_sweep_points(cfg, out, sizes) if "ftw" in cfg.methods and cfg.ftw.weight_decay is None else []
+    points = plan_points(cfg, work, sizes)
+    sweep = ftw_sweep_points(cfg, work, sizes) if "ftw" in cfg.methods and cfg.ftw.weight_decay is None else []
     check_points(cfg, points + sweep)  # every job's config composes before anything runs
     used = {p.data_key for p in points + sweep} | ({"data.mend_train"} if "data.mend_train" in sizes else set())
     files = {k: {"data.dev": cfg.data.dev, "data.train": cfg.data.train, "data.mend_train": cfg.data.mend_train}[k]
@@ -528,13 +532,13 @@ def reproduce_job(cfg: ReproduceConfig) -> dict[str, Any]:
     for i, p in enumerate(points):
         if p.method == "ftw":
             if "ftw" not in extras:
-                wd, extras["ftw"] = choose_ftw_decay(cfg, out, sizes, stats)
+                wd, extras["ftw"] = choose_ftw_decay(cfg, work, sizes, stats)
                 extras["ftw_weight_decay"] = wd
             p.overrides.insert(-1, f"method.weight_decay={extras['ftw_weight_decay']!r}")
             p.extra["weight_decay"] = extras["ftw_weight_decay"]
         if p.method == "mend":
             if "mend" not in extras:
-                extras["mend_checkpoint"], extras["mend"] = mend_editor(cfg, out, stats)
+                extras["mend_checkpoint"], extras["mend"] = mend_editor(cfg, work, stats)
             p.overrides.insert(-1, f"method.checkpoint={extras['mend_checkpoint']}")
         log.info("[reproduce] point %d/%d: %s (%.0f s so far)", i + 1, len(points), p.name, time.time() - t0)
         res = run_point(p, stats)
@@ -556,6 +560,11 @@ def reproduce_job(cfg: ReproduceConfig) -> dict[str, Any]:
             **{k: v for k, v in extras.items() if k in ("ftw", "mend")}}
 
 
+def points_root(cfg: ReproduceConfig) -> Path:
+    """The folder of the points' run directories (``points_dir``, default ``output_dir``)."""
+    return Path(cfg.points_dir or cfg.output_dir).expanduser().resolve()
+
+
 def check_points(cfg: ReproduceConfig, points: Sequence[Point]) -> None:
     """Compose every point's edit config (unknown keys, bad values) before the first job runs."""
     from massedit.tasks.config import compose
@@ -563,7 +572,7 @@ def check_points(cfg: ReproduceConfig, points: Sequence[Point]) -> None:
     for p in points:
         compose("edit", p.overrides)
     if "mend" in cfg.methods and not cfg.mend.checkpoint:
-        compose("train", mend_train_overrides(cfg, Path(cfg.output_dir).expanduser().resolve()))
+        compose("train", mend_train_overrides(cfg, points_root(cfg)))
 
 
 def write_results(cfg: ReproduceConfig, out: Path, rows: list[dict[str, Any]]) -> dict[str, Path]:
