@@ -442,6 +442,13 @@ def test_run_directory_policy(tmp_path, capsys):
     run = setup_run(compose("edit", base + ["resume=true"]))  # same config: continues, files kept
     run.finish()
     assert (out / "results.json").exists()
+    # a run saved before a key existed (a newer massedit added it): resumable while that key is at its default
+    (out / "config.yaml").write_text(cfg.replace("  targets_pack_rows: true\n", ""))
+    assert "targets_pack_rows" not in (out / "config.yaml").read_text()
+    setup_run(compose("edit", base + ["resume=true"])).finish()
+    (out / "config.yaml").write_text(cfg.replace("  targets_pack_rows: true\n", ""))
+    with pytest.raises(RunDirError, match=r"differs.*targets_pack_rows"):
+        setup_run(compose("edit", base + ["resume=true", "method.targets_pack_rows=false"]))
     run = setup_run(compose("edit", [f"output_dir={out}", "logger=none", "seed=4", "overwrite=true"]))
     run.finish()
     assert not (out / "results.json").exists() and "seed: 4" in (out / "config.yaml").read_text()

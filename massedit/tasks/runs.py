@@ -500,9 +500,36 @@ def config_differences(job, config_file: Path) -> list[str]:
     a, b = _flat(old if isinstance(old, dict) else {}), _flat(as_dict(job))
 
     def kept(k: str) -> bool:
-        return k.split(".", 1)[0] not in RESUME_IGNORED_KEYS
+        if k.split(".", 1)[0] in RESUME_IGNORED_KEYS:
+            return False
+        # a key the run's config lacks (added by a newer massedit) at its default does not change the run
+        return not (k not in a and k in b and b[k] == _field_default(job, k))
 
     return sorted(k for k in set(a) | set(b) if kept(k) and a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+_NO_DEFAULT = object()
+
+
+def _field_default(job, key: str) -> Any:
+    """The dataclass default of the dotted ``key`` of ``job`` (``_NO_DEFAULT`` where there is none)."""
+    import dataclasses
+
+    *path, name = key.split(".")
+    obj = job
+    for part in path:
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+        if obj is None:
+            return _NO_DEFAULT
+    if not dataclasses.is_dataclass(obj):
+        return _NO_DEFAULT
+    for f in dataclasses.fields(obj):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return _NO_DEFAULT
 
 
 def worker_rank() -> bool:
