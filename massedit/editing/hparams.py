@@ -59,8 +59,7 @@ class EditHparams:
     batch_size: int | None = None        # MEMIT: requests per batch (None = all at once); later batches
     #                                      are edited on top of the earlier ones
     batched_targets: bool = True         # optimise the z / v* of a chunk together (False: one at a time)
-    targets_max_tokens: int = 2048       # memory bound: tokens per batched forward/backward (padded whole rows;
-    #                                      targets_forward=suffix: the rows' suffix spans, what a step runs)
+    targets_max_tokens: int = 2048       # memory bound: padded whole-row tokens per batched sub-batch
     reuse_frozen_prefix: bool = True     # targets_forward=full: compute the blocks up to the edit point once per target optimisation
     #                                      (their output does not depend on δ) instead of at every step
     targets_forward: str = "suffix"      # "suffix": per step only the positions from each row's subject token on run

@@ -16,7 +16,7 @@ template) at δ = 0. Result: the target ``v0 + δ``.
 one forward/backward per step for the whole sub-batch, each request with its own δ and its own Adam
 state, early stop and clamp (finished requests leave the batch). Rows of different requests do not
 interact, so the result equals one-at-a-time optimisation up to float rounding. Sub-batches are
-bounded by ``max_tokens`` tokens per step (padded whole rows, or the suffix spans in the suffix mode). Logits are formed only at the positions the loss reads
+bounded by ``max_tokens`` padded whole-row tokens. Logits are formed only at the positions the loss reads
 (final norm + unembedding of the gathered hidden states), which is the same arithmetic per position.
 
 **What runs per step** (``hp.targets_forward``). ``"suffix"`` (default, :class:`_SuffixForward`): the blocks up
@@ -214,21 +214,19 @@ def _replace_hidden(output, h):
     return h
 
 
-def _group_problems(problems: Sequence[TargetProblem], order: Sequence[int], max_tokens: int, max_requests: int | None,
-                    suffix: bool = False):
-    """Greedy sub-batches (in ``order``) of at most ``max_tokens`` tokens per step (at least one request each): padded
-    whole rows, or with ``suffix`` the rows' suffix spans (what a step of the suffix forward runs)."""
-    groups, cur, cur_rows, cur_w, cur_tok = [], [], 0, 0, 0
+def _group_problems(problems: Sequence[TargetProblem], order: Sequence[int], max_tokens: int, max_requests: int | None):
+    """Greedy sub-batches (in ``order``) with padded whole-row tokens <= ``max_tokens`` (at least one request each).
+    The suffix mode groups the same way: its once-per-group whole-row forward and prefix pass are bounded by it, and
+    larger groups measured slower (wider prefix padding; 80 records: 54 s against 35 s for 3 steps)."""
+    groups, cur, cur_rows, cur_w = [], [], 0, 0
     for i in order:
         p = problems[i]
         rows, w = cur_rows + p.n_rows, max(cur_w, p.max_len)
-        tok = cur_tok + (sum(e - s for s, e in suffix_spans(p)) if suffix else 0)
-        over = tok > max_tokens if suffix else rows * w > max_tokens
-        if cur and (over or (max_requests and len(cur) >= max_requests)):
+        if cur and (rows * w > max_tokens or (max_requests and len(cur) >= max_requests)):
             groups.append(cur)
-            cur, rows, w, tok = [], p.n_rows, p.max_len, tok - cur_tok
+            cur, rows, w = [], p.n_rows, p.max_len
         cur.append(i)
-        cur_rows, cur_w, cur_tok = rows, w, tok
+        cur_rows, cur_w = rows, w
     if cur:
         groups.append(cur)
     return groups
@@ -626,8 +624,7 @@ def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_
     n = len(problems)
     if batched:
         order = sorted(range(n), key=lambda i: (problems[i].max_len, i))
-        suffix = getattr(hp, "targets_forward", "full") == "suffix" and adapter.block_runner_unsupported() is None
-        groups = _group_problems(problems, order, max_tokens, None, suffix=suffix)
+        groups = _group_problems(problems, order, max_tokens, None)
     else:
         groups = [[i] for i in range(n)]
     results: list[TargetResult | None] = [None] * n
