@@ -12,7 +12,7 @@ from massedit.core.tokenization import encode, target_token_ids
 from massedit.data.requests import EditRequest, load_requests
 from massedit.evaluation.report import write_report
 from massedit.tasks.evaluate import evaluate
-from massedit.core.sampling import generate_fast
+from massedit.core.sampling import generate_fast, generate_fast_grouped, generate_fast_ids, generate_fast_ids_grouped
 from massedit.trainer import TrainerConfig
 from massedit.testing import tiny_model
 
@@ -118,6 +118,39 @@ def test_generation_sampler_seeded_and_ragged():
     assert a[0].startswith(prompts[0]) and a[1].startswith(prompts[1])  # longer prompt kept intact
     c = generate_fast(model, tok, prompts, max_out_len=20, generator=torch.Generator().manual_seed(8))
     assert c != a
+
+
+def test_grouped_generation_equals_lone_calls():
+    """Each group of a batched call is sampled exactly as alone: its own stream, drawn from its own shortest
+    prompt on (here the groups start decoding at different columns), in float64 so rounding cannot flip a draw."""
+    model, tok = tiny_model("gpt2", seed=3)
+    model = model.double()
+    groups = [["The Eiffel Tower is located in the city of", "Paris"],
+              ["Danielle Darrieux's mother tongue is", "Toko Yasuda plays the", "The capital of"],
+              ["Michael Jordan professionally plays the sport of basketball and"]]
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+    lone = [generate_fast(model, tok, g, max_out_len=24, generator=gen) for g, gen in zip(groups, gens())]
+    assert generate_fast_grouped(model, tok, groups, max_out_len=24, generators=gens()) == lone
+    # a group whose longest prompt reaches max_out_len is returned unchanged, as alone, and draws nothing
+    ids = [[[5, 6, 7, 8, 9, 10]], [[11, 12]], [[13, 14, 15]]]
+    lone = [generate_fast_ids(model, g, pad_id=0, max_out_len=6, generator=gen) for g, gen in zip(ids, gens())]
+    got = generate_fast_ids_grouped(model, ids, pad_id=0, max_out_len=6, generators=gens())
+    assert got == lone and got[0] == ids[0] and all(len(r) == 6 for g in got[1:] for r in g)
+    with pytest.raises(ValueError, match="2 generators"):
+        generate_fast_ids_grouped(model, ids, pad_id=0, generators=gens()[:2])
+
+
+def test_generation_batch_cases_does_not_change_the_texts():
+    model, tok = tiny_model("gpt2", seed=4)
+    model = model.double()
+    reqs = _cf_requests()
+    cfg = {"generation": True, "generation_every_k": 1, "max_gen_len": 24, "seed": 3, "scoring": "plain"}
+    one = evaluate(model, tok, reqs, {**cfg, "generation_batch_cases": 1}, stage="pre", trainer_cfg=QUIET)
+    many = evaluate(model, tok, reqs, {**cfg, "generation_batch_cases": 4}, stage="pre", trainer_cfg=QUIET)
+    assert [c["generations"] for c in one.per_case] == [c["generations"] for c in many.per_case]
+    assert one.summary["fluency"] == many.summary["fluency"]
+    with pytest.raises(Exception, match="generation_batch_cases"):
+        evaluate(model, tok, reqs, {**cfg, "generation_batch_cases": 0}, stage="pre", trainer_cfg=QUIET)
 
 
 def test_generation_metrics_and_report(tmp_path):

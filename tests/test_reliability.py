@@ -675,3 +675,34 @@ def test_python_api_edit_refuses_a_runaway_update(tiny_dir):
         massedit.edit(model, tok, [{"prompt": "The capital of {} is", "subject": "Japan", "target": "Rome"}],
                       method="ft", lr=1e8, epochs=2, layers=[1], progress=False)
     assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+
+
+def test_cache_lock_makes_a_second_process_wait_and_a_killed_holder_frees_it(tmp_path):
+    """Two processes wanting one cache entry: the second waits for the first, then finds its result; a holder
+    killed with SIGKILL leaves no stuck lock."""
+    import subprocess
+    import sys
+    import time as _time
+
+    from massedit.core.io import cache_lock
+
+    entry = tmp_path / "entry.json"
+    holder = ("import sys, time\nfrom massedit.core.io import cache_lock\n"
+              "with cache_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(float(sys.argv[2]))\n"
+              "    open(sys.argv[1], 'w').write('done')\n")
+    p = subprocess.Popen([sys.executable, "-c", holder, str(entry), "1.5"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    t0 = _time.time()
+    with cache_lock(entry):
+        waited = _time.time() - t0
+        assert entry.read_text() == "done"  # written by the holder before it let go
+    p.wait(timeout=30)
+    assert waited > 0.5
+    entry.unlink()
+    p = subprocess.Popen([sys.executable, "-c", holder, str(entry), "600"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    p.kill()
+    p.wait(timeout=30)
+    t0 = _time.time()
+    with cache_lock(entry):
+        assert _time.time() - t0 < 5 and not entry.exists()

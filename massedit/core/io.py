@@ -145,6 +145,34 @@ def umask_mode(mode: int = 0o777) -> int:
     return mode & ~_umask()
 
 
+@contextlib.contextmanager
+def cache_lock(path: str | os.PathLike, what: str = "this cache entry") -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (``fcntl.flock``) while one process computes a cache entry
+    that others may want at the same time (parallel points of a reproduction or sweep): the second waits,
+    then finds the entry written. The kernel drops the lock when its holder dies (``kill -9`` included), so
+    a crash never leaves it stuck. No-op where ``fcntl`` is missing (Windows). One process only: ranks of one
+    DDP job share their work through collectives, not through this lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    lock = Path(str(path) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is computing %s (%s): waiting for it", what, lock)
+            t0 = time.time()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            log.info("lock %s released after %.0f s", lock, time.time() - t0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -54,8 +54,34 @@ def generate_fast_ids(model, prompt_ids: Sequence[Sequence[int]], *, pad_id: int
                       top_k: int = 5, max_out_len: int = 100,
                       generator: torch.Generator | None = None) -> list[list[int]]:
     """Sample continuations of token-id prompts (module docstring); returns each row's real ids, prompt included."""
+    return generate_fast_ids_grouped(model, [prompt_ids], pad_id=pad_id, n_gen_per_prompt=n_gen_per_prompt,
+                                     top_k=top_k, max_out_len=max_out_len, generators=[generator])[0]
+
+
+@torch.no_grad()
+def generate_fast_ids_grouped(model, groups: Sequence[Sequence[Sequence[int]]], *, pad_id: int,
+                              n_gen_per_prompt: int = 1, top_k: int = 5, max_out_len: int = 100,
+                              generators: Sequence[torch.Generator | None] | None = None) -> list[list[list[int]]]:
+    """Several independent :func:`generate_fast_ids` calls in one batch: ``groups[g]`` (a list of prompts) is
+    sampled with ``generators[g]`` exactly as it would be alone. A group draws from its generator only at the
+    steps its lone call would run (from its own shortest prompt on) with the same ``[rows, k]`` shapes, so its
+    random stream does not depend on the other groups; only float rounding of the batched forward differs (a
+    sample flips only when a uniform draw falls within ~1e-6 of a top-k boundary). A group whose longest prompt
+    already reaches ``max_out_len`` is returned unchanged, as alone. Returns ``[group][row]`` real ids."""
+    generators = list(generators) if generators is not None else [None] * len(groups)
+    if len(generators) != len(groups):
+        raise ValueError(f"{len(groups)} prompt groups but {len(generators)} generators")
+    out: list[list[list[int]]] = [[list(p) for p in g for _ in range(n_gen_per_prompt)] for g in groups]
+    live = [gi for gi, rows in enumerate(out) if rows and max(len(r) for r in rows) < max_out_len]
+    if not live:
+        return out
     device = next(model.parameters()).device
-    rows = [list(p) for p in prompt_ids for _ in range(n_gen_per_prompt)]
+    rows = [r for gi in live for r in out[gi]]
+    spans, at = [], 0  # each live group's rows [a, b) in the batch and the column its lone call starts decoding at
+    for gi in live:
+        n = len(out[gi])
+        spans.append((gi, at, at + n, min(len(r) for r in out[gi])))
+        at += n
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long, device=device)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
@@ -65,27 +91,30 @@ def generate_fast_ids(model, prompt_ids: Sequence[Sequence[int]], *, pad_id: int
     batch_size = len(rows)
     cache_kw = _cache_keyword(model)
     past = None
-    cur = slice(0, int(attention_mask.sum(1).min().item()))
+    cur = slice(0, min(s[3] for s in spans))
     while input_ids.size(1) < max_out_len:
-        out = model(input_ids=input_ids[:, cur],
-                    attention_mask=torch.ones(batch_size, cur.stop, dtype=attention_mask.dtype, device=device),
-                    use_cache=True, **{cache_kw: past})
-        past = out.get("cache", None) if out.get("cache", None) is not None else out.get("past_key_values")
-        probs = torch.softmax(out.logits[:, -1, :].float(), dim=1)
-        new_toks = top_k_sample(probs, top_k, generator)
+        out_ = model(input_ids=input_ids[:, cur],
+                     attention_mask=torch.ones(batch_size, cur.stop, dtype=attention_mask.dtype, device=device),
+                     use_cache=True, **{cache_kw: past})
+        past = out_.get("cache", None) if out_.get("cache", None) is not None else out_.get("past_key_values")
+        probs = torch.softmax(out_.logits[:, -1, :].float(), dim=1)
+        new_toks = torch.full((batch_size,), int(pad_id), dtype=torch.long, device=device)
+        for gi, a, b, start in spans:
+            if cur.stop >= start:  # the steps this group's lone call runs
+                new_toks[a:b] = top_k_sample(probs[a:b], top_k, generators[gi])
         if cur.stop == input_ids.size(1):
             attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(batch_size, 1)], dim=1)
             input_ids = torch.cat([input_ids, input_ids.new_full((batch_size, 1), int(pad_id))], dim=1)
-        last = attention_mask.sum(1) - 1
-        for i in range(batch_size):
-            new_idx = int(last[i]) + 1
-            if new_idx != cur.stop:
-                continue  # this row still has prompt tokens at the cursor
-            if new_idx < max_out_len:
-                input_ids[i, new_idx] = new_toks[i]
-                attention_mask[i, new_idx] = 1
+        # a row takes the sample only when its last real token sits right before the cursor
+        take = attention_mask.sum(1) == cur.stop
+        if cur.stop < max_out_len and bool(take.any()):
+            input_ids[take, cur.stop] = new_toks[take]
+            attention_mask[take, cur.stop] = 1
         cur = slice(cur.stop, cur.stop + 1)
-    return [[t for t, m in zip(row, mask) if m] for row, mask in zip(input_ids.tolist(), attention_mask.tolist())]
+    ids, mask = input_ids.tolist(), attention_mask.tolist()
+    for gi, a, b, _ in spans:
+        out[gi] = [[t for t, m in zip(ids[i], mask[i]) if m] for i in range(a, b)]
+    return out
 
 
 def generate_fast(model, tok, prompts: Sequence[str], *, n_gen_per_prompt: int = 1, top_k: int = 5,
@@ -96,3 +125,22 @@ def generate_fast(model, tok, prompts: Sequence[str], *, n_gen_per_prompt: int =
     out = generate_fast_ids(model, ids, pad_id=tok.pad_token_id, n_gen_per_prompt=n_gen_per_prompt, top_k=top_k,
                             max_out_len=max_out_len, generator=generator)
     return [clean_generated_text(tok, tok.decode(r)) for r in out]
+
+
+def generate_fast_grouped(model, tok, groups: Sequence[Sequence[str]], *, n_gen_per_prompt: int = 1, top_k: int = 5,
+                          max_out_len: int = 100,
+                          generators: Sequence[torch.Generator | None] | None = None) -> list[list[str]]:
+    """:func:`generate_fast` of each group of text prompts with its own generator, in one batch
+    (:func:`generate_fast_ids_grouped`); cleaned texts per group."""
+    flat = [p for g in groups for p in g]
+    if not flat:
+        return [[] for _ in groups]
+    enc = tokenize_batch(tok, flat, device="cpu")
+    ids = [row[: int(m.sum())].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+    parts, at = [], 0
+    for g in groups:
+        parts.append(ids[at : at + len(g)])
+        at += len(g)
+    out = generate_fast_ids_grouped(model, parts, pad_id=tok.pad_token_id, n_gen_per_prompt=n_gen_per_prompt,
+                                    top_k=top_k, max_out_len=max_out_len, generators=generators)
+    return [[clean_generated_text(tok, tok.decode(r)) for r in rows] for rows in out]

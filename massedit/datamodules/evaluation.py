@@ -1,8 +1,9 @@
 """Evaluation datamodule: every prompt of every request, tokenised once, grouped and batched (REFERENCE_SPEC §4).
 
 Dataloader 0 yields batches of :class:`~massedit.evaluation.scoring.Group` lists (one packed forward per batch;
-groups sorted by length); dataloader 1 (CounterFact with generation on) yields one case's generation prompts per
-step (every ``generation_every_k``-th case by case id, as the reference's ``generation_test_interval``).
+groups sorted by length); dataloader 1 (CounterFact with generation on) yields up to ``generation_batch_cases``
+cases' generation prompts per step (every ``generation_every_k``-th case by case id, as the reference's
+``generation_test_interval``), sampled in one batch with one seeded stream per case.
 """
 from __future__ import annotations
 
@@ -79,14 +80,16 @@ def _identity(x):
 
 class EvaluationDataModule(pl.LightningDataModule):
     def __init__(self, tok, requests: Sequence[Any], kind: str, *, batch_size: int = 32, generation: bool = False,
-                 generation_every_k: int = 1, teacher_forcing: str = "string"):
+                 generation_every_k: int = 1, teacher_forcing: str = "string", generation_batch_cases: int = 1):
         super().__init__()
         self.tok, self.requests, self.kind = tok, list(requests), kind
         self.batch_size, self.generation, self.every_k = int(batch_size), bool(generation), int(generation_every_k or 1)
         self.teacher_forcing = teacher_forcing
+        self.gen_batch = max(1, int(generation_batch_cases or 1))
         self.groups = None
         self.score_batches: list = []
         self.gen_items: list = []
+        self.gen_batches: list = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.groups is not None:
@@ -98,11 +101,14 @@ class EvaluationDataModule(pl.LightningDataModule):
         if self.generation and self.kind == "counterfact":
             for ci, r in enumerate(self.requests):
                 if r.generation_prompts and generation_selected(r.case_id, ci, self.every_k):
-                    self.gen_items.append({"type": "gen", "case": ci, "prompts": list(r.generation_prompts),
+                    self.gen_items.append({"case": ci, "prompts": list(r.generation_prompts),
                                            "relation_id": r.relation_id, "target_new_id": r.target_new_id})
+        gb = self.gen_batch
+        self.gen_batches = [{"type": "gen", "items": self.gen_items[i : i + gb]} for i in range(0, len(self.gen_items), gb)]
         n_branches = sum(len(g.branches) for g in self.groups)
-        log.info("evaluation: %d requests -> %d prompt groups, %d scored continuations, %d batches, %d generation cases",
-                 len(self.requests), len(self.groups), n_branches, len(self.score_batches), len(self.gen_items))
+        log.info("evaluation: %d requests -> %d prompt groups, %d scored continuations, %d batches, %d generation cases "
+                 "(%d batches)", len(self.requests), len(self.groups), n_branches, len(self.score_batches),
+                 len(self.gen_items), len(self.gen_batches))
 
     def _loader(self, items):
         """This rank's share of ``items``: round-robin, every item on exactly one rank; ranks with fewer items get
@@ -116,8 +122,8 @@ class EvaluationDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         loaders = [self._loader(self.score_batches)]
-        if self.gen_items:
-            loaders.append(self._loader(self.gen_items))
+        if self.gen_batches:
+            loaders.append(self._loader(self.gen_batches))
         return loaders if len(loaders) > 1 else loaders[0]
 
     test_dataloader = val_dataloader

@@ -28,6 +28,7 @@ class EvalConfig:
     row_tokens: int = 128             # tokens per packed row (a longer single sequence gets a row of its own)
     generation: bool = True           # fluency (+ consistency) from sampled generations; CounterFact only
     generation_every_k: int = 10      # cases with case_id % k == 0 (reference generation_test_interval; 1 = all)
+    generation_batch_cases: int = 16  # cases sampled together in one batch, each with its own seeded stream
     max_gen_len: int = 100            # tokens incl. the prompt (reference max_out_len)
     top_k: int = 5                    # the reference sampler's top-k
     seed: int = 0                     # generation sampling seed (per case; the reference is unseeded)
@@ -46,7 +47,8 @@ class EvalConfig:
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise EvalConfigError(f"eval.{k}={getattr(self, k)!r}: choose one of {allowed}")
-        for k in ("batch_size", "row_tokens", "generation_every_k", "max_gen_len", "top_k"):
+        for k in ("batch_size", "row_tokens", "generation_every_k", "generation_batch_cases", "max_gen_len",
+                  "top_k"):
             if int(getattr(self, k)) < 1:
                 raise EvalConfigError(f"eval.{k} must be >= 1, got {getattr(self, k)}")
         if isinstance(self.consistency, dict):

@@ -1,8 +1,8 @@
 """Evaluation LightningModule: thin glue running the plain-torch scoring / sampling per batch into torchmetrics.
 
 ``validation_step`` / ``test_step`` (dataloader 0): pack a batch of prompt groups, one forward, per-branch
-NLL/accuracy -> :class:`PromptScoreMetric`. Dataloader 1: sample the case's generation texts with the reference
-sampler, fluency + consistency -> :class:`GenerationMetric`. At the epoch end the (DDP-synced) states become an
+NLL/accuracy -> :class:`PromptScoreMetric`. Dataloader 1: sample a few cases' generation texts with the reference
+sampler in one batch (one seeded stream per case), fluency + consistency -> :class:`GenerationMetric`. At the epoch end the (DDP-synced) states become an
 :class:`~massedit.evaluation.config.EvalResult` in ``self.result`` on every rank.
 
 The edit job evaluates the unedited model with ``trainer.validate`` and the edited one with ``trainer.test``
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from massedit.core.io import stable_hash
-from massedit.core.sampling import generate_fast
+from massedit.core.sampling import generate_fast_grouped
 from massedit.evaluation.aggregate import METRICS_VERSION, build_results
 from massedit.evaluation.config import EvalConfig, EvalResult
 from massedit.evaluation.metrics import GenerationMetric, PromptScoreMetric
@@ -98,18 +98,26 @@ class EvaluationModule(KeepDispatched, pl.LightningModule):
                 vals.append(torch.stack(v))
         self.prompt_scores.update(torch.tensor(keys, device=self.device), torch.stack(vals))
 
-    def _generate(self, item) -> None:
-        ci = item["case"]
-        req = self.requests[ci]
-        g = torch.Generator(device=self.device)
-        g.manual_seed(case_seed(self.seed, req.case_id))
-        texts = generate_fast(self.model, self.tok, item["prompts"], top_k=self.top_k, max_out_len=self.max_gen_len, generator=g)
-        flu = fluency(texts)
-        con = math.nan
-        if self.consistency_scorer is not None:
-            con = self.consistency_scorer(texts, item.get("relation_id"), item.get("target_new_id"))
-        self.texts[ci] = texts
-        self.generation.update(torch.tensor([ci]), torch.tensor([flu], dtype=torch.float64), torch.tensor([con], dtype=torch.float64))
+    def _generate(self, batch) -> None:
+        items = batch["items"]
+        gens = []
+        for item in items:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(case_seed(self.seed, self.requests[item["case"]].case_id))
+            gens.append(g)
+        all_texts = generate_fast_grouped(self.model, self.tok, [item["prompts"] for item in items], top_k=self.top_k,
+                                          max_out_len=self.max_gen_len, generators=gens)
+        cases, flus, cons = [], [], []
+        for item, texts in zip(items, all_texts):
+            con = math.nan
+            if self.consistency_scorer is not None:
+                con = self.consistency_scorer(texts, item.get("relation_id"), item.get("target_new_id"))
+            self.texts[item["case"]] = texts
+            cases.append(item["case"])
+            flus.append(fluency(texts))
+            cons.append(con)
+        self.generation.update(torch.tensor(cases), torch.tensor(flus, dtype=torch.float64),
+                               torch.tensor(cons, dtype=torch.float64))
 
     def on_validation_epoch_end(self) -> None:
         texts = dict(self.texts)
@@ -154,7 +162,8 @@ class EvaluationModule(KeepDispatched, pl.LightningModule):
             "consistency": "computed" if self.consistency_scorer is not None
             else "not computed (eval.consistency files not given)",
             "generation": {"on": bool(cfg.generation) and self.kind == "counterfact", "every_k": cfg.generation_every_k,
-                           "max_gen_len": cfg.max_gen_len, "top_k": cfg.top_k, "seed": cfg.seed},
+                           "max_gen_len": cfg.max_gen_len, "top_k": cfg.top_k, "seed": cfg.seed,
+                           "batch_cases": cfg.generation_batch_cases},
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
         }
         return EvalResult(stage=self.stage, kind=self.kind, summary=summary, ci=ci, n=n, per_case=per_case, info=info)

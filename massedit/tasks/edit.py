@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 from massedit.callbacks.apply_edit import ApplyEdit
 from massedit.core.deltas import delta_norms
-from massedit.core.io import atomic_write_json, atomic_write_text
+from massedit.core.io import atomic_write_json, atomic_write_text, cache_lock
 from massedit.core.profiling import StageProfiler, activate, stage, timing_markdown
 from massedit.core.profiling import active as active_profiler
 from massedit.core.models import load_model_and_tokenizer
@@ -78,11 +79,15 @@ def _edit_and_evaluate(job, run, trainer, model, tok, requests) -> dict[str, Any
     if job.eval.pre:
         with stage("pre_eval"):  # (a cached result: the time to read it)
             cache = pre_eval_cache_path(model, requests, job.eval) if job.eval.cache_pre else None
-            pre = rank0_value(trainer, load_cached_result(cache) if cache is not None else None)  # one branch
-            if pre is None:
-                pre = evaluation_stage(trainer, module, dm, "pre")
-                if cache is not None and trainer.is_global_zero:
-                    save_cached_result(cache, pre)
+            # one process: a parallel job evaluating the same records waits for this one (or this for it)
+            lock = cache_lock(cache, "these pre-edit metrics") if cache is not None and trainer.world_size == 1 \
+                else contextlib.nullcontext()
+            with lock:
+                pre = rank0_value(trainer, load_cached_result(cache) if cache is not None else None)  # one branch
+                if pre is None:
+                    pre = evaluation_stage(trainer, module, dm, "pre")
+                    if cache is not None and trainer.is_global_zero:
+                        save_cached_result(cache, pre)
 
     deltas_file = getattr(job, "deltas", None)
     if deltas_file:

@@ -42,7 +42,8 @@ def evaluation_components(model, tok, requests: Sequence[Any], cfg: EvalConfig):
     kind = detect_kind(requests, cfg.dataset)
     scorer = consistency_scorer(cfg.consistency, cfg.tfidf_backend) if kind == "counterfact" and cfg.generation else None
     dm = EvaluationDataModule(tok, requests, kind, batch_size=cfg.batch_size, generation=cfg.generation,
-                              generation_every_k=cfg.generation_every_k, teacher_forcing=cfg.teacher_forcing)
+                              generation_every_k=cfg.generation_every_k, teacher_forcing=cfg.teacher_forcing,
+                              generation_batch_cases=cfg.generation_batch_cases)
     module = EvaluationModule(model, tok, requests, cfg, kind=kind, consistency_scorer=scorer)
     return module, dm
 
