@@ -706,3 +706,29 @@ def test_cache_lock_makes_a_second_process_wait_and_a_killed_holder_frees_it(tmp
     t0 = _time.time()
     with cache_lock(entry):
         assert _time.time() - t0 < 5 and not entry.exists()
+
+
+FINGERPRINT = """
+import sys, torch
+from massedit.core.models import model_fingerprint
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 1024).to(torch.bfloat16))
+torch.set_num_threads(int(sys.argv[1]))
+print(model_fingerprint(m))
+with torch.no_grad():
+    m[0].weight[1234, 5] += 1e-3
+print(model_fingerprint(m))
+"""
+
+
+def test_model_fingerprint_is_exact_and_independent_of_the_thread_count():
+    """Cache keys (pre-edit metrics, z vectors) use the fingerprint: it must not change with the number of CPU
+    threads (float sums did: a job started with another thread count missed every cache), and must change
+    when one weight does."""
+    import subprocess
+    import sys
+
+    outs = [subprocess.run([sys.executable, "-c", FINGERPRINT, str(n)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": str(n)}).stdout.split() for n in (1, 2)]
+    assert outs[0] == outs[1]
+    assert outs[0][0] != outs[0][1]

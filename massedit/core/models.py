@@ -255,11 +255,21 @@ def describe_device_map(device_map: dict) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """Cheap but content-sensitive fingerprint of a model's weights (name, shapes, a few sums)."""
+    """Content fingerprint of a model's weights: names, shapes, dtypes and a BLAKE2b digest of every tensor's bytes.
+
+    Exact and independent of the machine's parallelism (cache keys of pre-edit metrics and z vectors use it):
+    float sums, which this used before, change with the number of CPU threads (reduction order), so the same
+    model got another key in a job started with another thread count and every cache missed. Hashing reads
+    each tensor once (about 1 GB/s; offloaded weights are read back from their weights map)."""
+    import hashlib
+
     from massedit.core.io import stable_hash
 
     items = []
     for name, p in list(model.state_dict().items()):
-        t = read_tensor(model, name, p).detach().float()  # offloaded weights (model.device_map) read back
-        items.append([name, list(t.shape), round(float(t.sum()), 4), round(float(t.abs().sum()), 4)])
+        t = read_tensor(model, name, p).detach()
+        flat = t.reshape(-1).contiguous().cpu() if t.numel() else t.reshape(-1).cpu()
+        digest = hashlib.blake2b(flat.view(torch.uint8).numpy() if flat.numel() else b"",
+                                 digest_size=16).hexdigest()
+        items.append([name, list(t.shape), str(t.dtype), digest])
     return stable_hash(items)
