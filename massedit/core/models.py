@@ -268,8 +268,7 @@ def model_fingerprint(model) -> str:
     items = []
     for name, p in list(model.state_dict().items()):
         t = read_tensor(model, name, p).detach()
-        flat = t.reshape(-1).contiguous().cpu() if t.numel() else t.reshape(-1).cpu()
-        digest = hashlib.blake2b(flat.view(torch.uint8).numpy() if flat.numel() else b"",
-                                 digest_size=16).hexdigest()
+        flat = t.reshape(-1).contiguous().cpu()
+        digest = hashlib.blake2b(flat.view(torch.uint8).numpy() if flat.numel() else b"", digest_size=16).hexdigest()
         items.append([name, list(t.shape), str(t.dtype), digest])
     return stable_hash(items)

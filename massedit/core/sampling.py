@@ -65,8 +65,8 @@ def generate_fast_ids_grouped(model, groups: Sequence[Sequence[Sequence[int]]], 
     """Several independent :func:`generate_fast_ids` calls in one batch: ``groups[g]`` (a list of prompts) is
     sampled with ``generators[g]`` exactly as it would be alone. A group draws from its generator only at the
     steps its lone call would run (from its own shortest prompt on) with the same ``[rows, k]`` shapes, so its
-    random stream does not depend on the other groups; only float rounding of the batched forward differs (a
-    sample flips only when a uniform draw falls within ~1e-6 of a top-k boundary). A group whose longest prompt
+    random stream does not depend on the other groups; only float rounding of the batched forward differs (in
+    float32 a draw near a top-k boundary can flip, and the rest of that row with it). A group whose longest prompt
     already reaches ``max_out_len`` is returned unchanged, as alone. Returns ``[group][row]`` real ids."""
     generators = list(generators) if generators is not None else [None] * len(groups)
     if len(generators) != len(groups):
@@ -120,11 +120,8 @@ def generate_fast_ids_grouped(model, groups: Sequence[Sequence[Sequence[int]]], 
 def generate_fast(model, tok, prompts: Sequence[str], *, n_gen_per_prompt: int = 1, top_k: int = 5,
                   max_out_len: int = 100, generator: torch.Generator | None = None) -> list[str]:
     """Sample continuations of text ``prompts`` (tokenised as one right-padded batch); cleaned texts incl. the prompt."""
-    enc = tokenize_batch(tok, list(prompts), device="cpu")
-    ids = [row[: int(m.sum())].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
-    out = generate_fast_ids(model, ids, pad_id=tok.pad_token_id, n_gen_per_prompt=n_gen_per_prompt, top_k=top_k,
-                            max_out_len=max_out_len, generator=generator)
-    return [clean_generated_text(tok, tok.decode(r)) for r in out]
+    return generate_fast_grouped(model, tok, [list(prompts)], n_gen_per_prompt=n_gen_per_prompt, top_k=top_k,
+                                 max_out_len=max_out_len, generators=[generator])[0]
 
 
 def generate_fast_grouped(model, tok, groups: Sequence[Sequence[str]], *, n_gen_per_prompt: int = 1, top_k: int = 5,
