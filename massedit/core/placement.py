@@ -61,6 +61,25 @@ def param_storage(model: nn.Module, name: str) -> torch.Tensor:
     return _resident(*slot)
 
 
+def storage_version(model: nn.Module, name: str) -> int | None:
+    """The in-place write counter of parameter ``name``'s values (``None``: offloaded and never loaded, so never
+    written), without loading an offloaded weight."""
+    p = model.get_parameter(name)
+    if p.device.type != "meta":
+        return p._version
+    slot = _offload_slot(model, name)
+    if slot is None:
+        return None
+    wm, key = slot
+    ds = getattr(wm, "dataset", None)
+    if ds is None:
+        t = wm.get(key) if hasattr(wm, "get") else None
+        return None if t is None else t._version
+    sd = getattr(ds, "state_dict", None)
+    full = getattr(wm, "prefix", "") + key
+    return sd[full]._version if sd is not None and full in sd else None
+
+
 def storage_device(model: nn.Module, name: str) -> torch.device:
     return param_storage(model, name).device
 

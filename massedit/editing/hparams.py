@@ -73,6 +73,10 @@ class EditHparams:
     targets_autocast: str | None = None  # null | bf16 | fp16: run the frozen model's forwards of the target
     #                                      optimisation under CUDA autocast (δ, logits and loss stay float32);
     #                                      ignored on CPU
+    keys_reuse_max_gib: float | None = 8.0  # MEMIT keys: the residual stream of the key contexts is kept between
+    #                                      layers, so each layer's read runs only the blocks above the previous one,
+    #                                      while it fits this many GiB (null/0: a full forward per layer, the
+    #                                      reference's arithmetic; equal up to float rounding)
     teacher_forcing: str = "ids"         # "ids": prompt ids + target ids[:-1] (right for every tokenizer);
     #                                      "string": the reference's prompt + decode(target[:-1]) re-tokenized
     weight_decay_form: str = "norm"      # "norm": wd*|d|/|v0|^2 (reference); "squared": wd*|d|^2/|v0|^2

@@ -6,13 +6,17 @@ Contexts are run in right-padded chunks; the forward stops right after the trace
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
 
 from massedit.core.adapters import ArchAdapter
 from massedit.core.nethook import Trace
+from massedit.core.placement import execution_device, storage_version
 from massedit.core.tokenization import resolve_index, subject_token_index, tokenize_batch
+
+log = logging.getLogger(__name__)
 
 
 def lookup_indices(tok, templates: Sequence[str], words: Sequence[str], rule: str = "subject_last") -> list[int]:
@@ -58,20 +62,24 @@ def rome_key(model, tok, adapter: ArchAdapter, layer: int, request, templates: S
     return k.mean(0)
 
 
-def memit_keys(model, tok, adapter: ArchAdapter, layer: int, requests, template_groups: Sequence[Sequence[str]],
-               rule: str = "subject_last") -> torch.Tensor:
-    """K ``[m, N]`` (MEMIT §2.3): per request, mean within each template group, then over the groups."""
+def memit_key_contexts(requests, template_groups: Sequence[Sequence[str]]) -> tuple[list[str], list[str]]:
+    """The contexts (template filled with the prompt; the subject still ``{}``) and subject words of MEMIT's keys:
+    every template of every group for each request, request-major."""
     ctx, words = [], []
     for r in requests:
         for g in template_groups:
             for t in g:
                 ctx.append(t.format(r.prompt))
                 words.append(r.subject)
-    k, _ = module_io_at_words(model, tok, adapter.rewrite_name(layer), ctx, words, rule)
-    sizes = [len(g) for g in template_groups]
+    return ctx, words
+
+
+def mean_over_template_groups(k: torch.Tensor, n_requests: int, sizes: Sequence[int]) -> torch.Tensor:
+    """``[m, N]`` from the request-major rows of :func:`memit_key_contexts`: per request, the mean within each
+    template group, then the mean over the groups (MEMIT §2.3)."""
     per_req = sum(sizes)
     out = []
-    for i in range(len(requests)):
+    for i in range(n_requests):
         block = k[i * per_req : (i + 1) * per_req]
         means, s = [], 0
         for n in sizes:
@@ -81,6 +89,154 @@ def memit_keys(model, tok, adapter: ArchAdapter, layer: int, requests, template_
     return torch.stack(out, dim=1)
 
 
+def memit_keys(model, tok, adapter: ArchAdapter, layer: int, requests, template_groups: Sequence[Sequence[str]],
+               rule: str = "subject_last") -> torch.Tensor:
+    """K ``[m, N]`` (MEMIT §2.3): per request, mean within each template group, then over the groups."""
+    ctx, words = memit_key_contexts(requests, template_groups)
+    k, _ = module_io_at_words(model, tok, adapter.rewrite_name(layer), ctx, words, rule)
+    return mean_over_template_groups(k, len(requests), [len(g) for g in template_groups])
+
+
 def bare_prompt_io(model, tok, module_name: str, requests, rule: str = "subject_last"):
     """(input, output) of ``module_name`` at the subject token of each request's bare prompt."""
     return module_io_at_words(model, tok, module_name, [r.prompt for r in requests], [r.subject for r in requests], rule)
+
+
+class LayerwiseReader:
+    """Rewrite-module inputs and block outputs at the subject token of fixed contexts, read at ascending layers while
+    the caller edits each layer after reading it (MEMIT's keys: layer l's keys see the writes of the layers below).
+
+    The residual stream entering the lowest layer ``first`` is computed once by the model's own forward (blocks below
+    ``first`` are never edited); a read at layer l first runs only the blocks between the previous read and l, on the
+    stored stream, with their current weights (:meth:`ArchAdapter.run_blocks`, causal attention over each row's own
+    tokens). Reading layers ``l_1 < ... < l_k`` thus runs ``l_k + 1`` blocks in all instead of ``Σ (l_i + 1)``; the
+    arithmetic per block is the model's own, so the keys equal :func:`module_io_at_words` up to float rounding.
+    A block below the last read must not change afterwards: a read checks it and raises ``RuntimeError``.
+    Memory: the stream of every context, ``rows x width x d`` in the model's dtype."""
+
+    def __init__(self, model, tok, adapter: ArchAdapter, templates: Sequence[str], words: Sequence[str], first: int,
+                 rule: str = "subject_last", chunk: int = 128):
+        self.model, self.adapter, self.cur = model, adapter, int(first)
+        idxs = lookup_indices(tok, templates, words, rule)
+        texts = [t.format(w) for t, w in zip(templates, words)]
+        device = next(model.parameters()).device
+        self.chunks = []  # (hidden entering block cur [B, W, d], allowed [B, W, W], positions [B, W], subject pos [B])
+        with torch.no_grad():
+            for s in range(0, len(texts), chunk):
+                enc = tokenize_batch(tok, texts[s : s + chunk], device=device)
+                am = enc["attention_mask"]
+                pos = torch.tensor([resolve_index(i, am[r]) for r, i in enumerate(idxs[s : s + chunk])])
+                if int(pos.max()) >= enc["input_ids"].shape[1]:
+                    bad = int(torch.argmax(pos))
+                    raise ValueError(f"subject index {int(pos[bad])} beyond the tokenised context {texts[s + bad]!r}")
+                with Trace(model, adapter.block_name(self.cur), retain_input=True, retain_output=False, stop=True) as tr:
+                    model(**enc)
+                h = tr.input.detach()
+                B, W = am.shape
+                allowed = torch.ones(W, W, dtype=torch.bool, device=h.device).tril()[None] & am.bool().to(h.device)[:, None, :]
+                self.chunks.append((h, allowed, torch.arange(W, device=h.device)[None].expand(B, W), pos))
+        self._versions = self._block_versions(self.cur)
+
+    def _block_versions(self, upto: int) -> list[int | None]:
+        names = [self.adapter.block_name(i) for i in range(upto)]
+        return [storage_version(self.model, f"{b}.{n}") for b in names
+                for n, _ in self.model.get_submodule(b).named_parameters()]
+
+    def _run(self, h, allowed, positions, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start..stop`` on ``h``, each on its own device (a model spread over devices)."""
+        for i in range(start, stop + 1):
+            dev = execution_device(self.model, self.adapter.block_name(i))
+            h = self.adapter.run_blocks(h.to(dev), i, i, allowed=allowed.to(dev), position_ids=positions.to(dev))[i]
+        return h
+
+    def _advance(self, layer: int) -> None:
+        if layer < self.cur:
+            raise ValueError(f"LayerwiseReader reads ascending layers: layer {layer} after {self.cur}")
+        if self._block_versions(self.cur) != self._versions:
+            raise RuntimeError(f"a block below layer {self.cur} changed after its stream was stored: the reader only "
+                               f"follows edits at or above the last layer read")
+        if layer > self.cur:
+            with torch.no_grad():
+                self.chunks = [(self._run(h, a, p, self.cur, layer - 1), a, p, i) for h, a, p, i in self.chunks]
+            self.cur = layer
+            self._versions = self._block_versions(layer)
+
+    @torch.no_grad()
+    def module_inputs(self, layer: int, module_name: str) -> torch.Tensor:
+        """``[n, width_in]`` float32: the input of ``module_name`` (inside block ``layer``) at every subject token."""
+        self._advance(layer)
+        out = []
+        for h, allowed, positions, pos in self.chunks:
+            with Trace(self.model, module_name, retain_input=True, retain_output=False, stop=True) as tr:
+                self._run(h, allowed, positions, layer, layer)
+            x = tr.input
+            out.append(x[torch.arange(len(pos), device=x.device), pos.to(x.device)].float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def block_outputs(self, layer: int, block: int) -> torch.Tensor:
+        """``[n, d]`` float32: the output of block ``block`` (>= ``layer``) at every subject token, after a read at
+        ``layer`` (the stored stream moves to ``layer``; the blocks from there to ``block`` run but are not kept)."""
+        if block < layer:
+            raise ValueError(f"block_outputs: block {block} is below the read layer {layer}")
+        self._advance(layer)
+        out = []
+        for h, allowed, positions, pos in self.chunks:
+            x = self._run(h, allowed, positions, layer, block)
+            out.append(x[torch.arange(len(pos), device=x.device), pos.to(x.device)].float())
+        return torch.cat(out)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h, *_ in self.chunks)
+
+
+def layerwise_reader_bytes(tok, texts: Sequence[str], hidden_size: int, dtype: torch.dtype, chunk: int = 128) -> int:
+    """Bytes a :class:`LayerwiseReader` would hold for ``texts`` (each chunk padded to its longest row)."""
+    lens = [len(x) for x in tok(list(texts))["input_ids"]]
+    item = torch.empty((), dtype=dtype).element_size()
+    return sum(len(lens[s : s + chunk]) * max(lens[s : s + chunk]) for s in range(0, len(lens), chunk)) * hidden_size * item
+
+
+class MemitKeyReader:
+    """MEMIT's ``K [m, N]`` (keys at layer l, §2.3) and ``H [d, N]`` (block ``z_layer`` output at the bare prompts) of
+    one batch's requests, read at each layer of the ascending layer loop, on the model as edited so far.
+
+    Two :class:`LayerwiseReader` streams (the key contexts, the bare prompts) from the lowest layer, so each read runs
+    only the blocks above the previous one, while their memory stays within ``max_gib`` (``hp.keys_reuse_max_gib``).
+    Otherwise (``max_gib`` 0/None, a larger batch, or blocks that cannot run alone) every read is a full forward per
+    layer (:func:`memit_keys`, :func:`bare_prompt_io`), the reference's arithmetic. They agree up to float rounding."""
+
+    def __init__(self, model, tok, adapter: ArchAdapter, requests, template_groups, z_layer: int, rule: str,
+                 first_layer: int, max_gib: float | None = 8.0):
+        self.model, self.tok, self.adapter = model, tok, adapter
+        self.requests, self.groups, self.z_layer, self.rule = list(requests), template_groups, int(z_layer), rule
+        self.first = int(first_layer)
+        self.max_gib = max_gib
+        self.reuse = bool(max_gib) and bool(self.requests) and adapter.block_runner_unsupported() is None
+        self._ctx = self._bare = None
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K [m, N], H [d, N])`` at ``layer`` on the current weights."""
+        a = self.adapter
+        if not self.reuse:
+            K = memit_keys(self.model, self.tok, a, layer, self.requests, self.groups, self.rule)
+            _, H = bare_prompt_io(self.model, self.tok, a.block_name(self.z_layer), self.requests, self.rule)
+            return K, H.T
+        if self._ctx is None:
+            ctx, words = memit_key_contexts(self.requests, self.groups)
+            p = next(self.model.parameters())
+            need = layerwise_reader_bytes(self.tok, [c.format(w) for c, w in zip(ctx, words)] +
+                                          [r.prompt.format(r.subject) for r in self.requests], a.hidden_size, p.dtype)
+            if need > float(self.max_gib) * 2**30:
+                log.info("memit keys: a full forward per layer (the reused streams would take %.1f GiB > "
+                         "keys_reuse_max_gib=%s)", need / 2**30, self.max_gib)
+                self.reuse = False
+                return self.read(layer)
+            self._ctx = LayerwiseReader(self.model, self.tok, a, ctx, words, self.first, self.rule)
+            self._bare = LayerwiseReader(self.model, self.tok, a, [r.prompt for r in self.requests],
+                                         [r.subject for r in self.requests], self.first, self.rule)
+        k = self._ctx.module_inputs(layer, a.rewrite_name(layer))
+        K = mean_over_template_groups(k, len(self.requests), [len(g) for g in self.groups])
+        H = self._bare.block_outputs(layer, self.z_layer)
+        return K, H.T

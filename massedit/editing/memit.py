@@ -31,7 +31,7 @@ from massedit.core.profiling import stage
 from massedit.core.progress import progress_bar
 from massedit.editing.context_templates import as_groups, flatten
 from massedit.editing.hparams import EditHparams
-from massedit.editing.keys import bare_prompt_io, memit_keys
+from massedit.editing.keys import MemitKeyReader
 from massedit.editing.editor import RomeMemitEditor
 from massedit.editing.target_cache import TargetCache
 from massedit.editing.targets import TargetResult, build_target_problem, optimise_targets, summarize_results
@@ -138,32 +138,24 @@ def _add_times(timing: dict, what: str, t0: float, c0: float) -> None:
     timing[f"{what}_cpu_s"] = round(timing.get(f"{what}_cpu_s", 0.0) + time.process_time() - c0, 3)
 
 
-def keys_and_hidden(model, tok, adapter, layer: int, z_layer: int, requests, groups, rule: str,
-                    collective: Collective | None = None, shards: list[list[int]] | None = None,
-                    timing: dict | None = None):
+def keys_and_hidden(reader: MemitKeyReader, layer: int, n: int, collective: Collective | None = None,
+                    shards: list[list[int]] | None = None, timing: dict | None = None):
     """``K [m, N]`` (keys at ``layer``, §2.3) and ``H [d, N]`` (block ``z_layer`` output at the bare prompts) on the
-    current model; with several ranks each rank reads the columns of its share and the columns are gathered.
-    ``timing["keys_s"]`` (wall) and ``keys_cpu_s`` (this process's CPU) accumulate this rank's own computing time."""
+    current model; ``reader`` holds this rank's share of the ``n`` requests (all of them on one rank), whose columns
+    are gathered across ranks. ``timing["keys_s"]`` (wall) and ``keys_cpu_s`` (this process's CPU) accumulate this
+    rank's own computing time."""
     t0, c0 = time.perf_counter(), time.process_time()
-    if not is_distributed(collective):
-        K = memit_keys(model, tok, adapter, layer, requests, groups, rule)
-        _, H = bare_prompt_io(model, tok, adapter.block_name(z_layer), requests, rule)
-        if timing is not None:
-            _add_times(timing, "keys", t0, c0)
-        return K, H.T
-    mine = shards[collective.rank]
-    device = next(model.parameters()).device
-    if mine:
-        sub = [requests[i] for i in mine]
-        K = memit_keys(model, tok, adapter, layer, sub, groups, rule)
-        _, H = bare_prompt_io(model, tok, adapter.block_name(z_layer), sub, rule)
-        H = H.T
+    a = reader.adapter
+    if reader.requests:
+        K, H = reader.read(layer)
     else:  # nothing to read on this rank; it still takes part in the gathers
-        K = torch.zeros(adapter.mlp_inner_size, 0, device=device)
-        H = torch.zeros(adapter.hidden_size, 0, device=device)
+        device = next(reader.model.parameters()).device
+        K, H = torch.zeros(a.mlp_inner_size, 0, device=device), torch.zeros(a.hidden_size, 0, device=device)
     if timing is not None:
         _add_times(timing, "keys", t0, c0)
-    n = len(requests)
+    if not is_distributed(collective):
+        return K, H
+    mine = shards[collective.rank]
     return gather_columns(collective, mine, K.float(), n), gather_columns(collective, mine, H.float(), n)
 
 
@@ -193,10 +185,12 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
     originals = {l: adapter.rewrite_weight(l).detach().clone() for l in layers}
     deltas: Deltas = {}
     per_layer = []
+    mine = [requests[i] for i in shards[collective.rank]] if is_distributed(collective) else requests
+    reader = MemitKeyReader(model, tok, adapter, mine, groups, L, hp.fact_token, layers[0], hp.keys_reuse_max_gib)
     with stage("keys_solve"), progress_bar(len(layers), "memit keys+solve", unit="layer", transient=True,
                                            enabled=progress and (collective is None or collective.rank == 0)) as bar:
         for i, l in enumerate(layers):
-            K, H = keys_and_hidden(model, tok, adapter, l, L, requests, groups, hp.fact_token, collective, shards, timing)
+            K, H = keys_and_hidden(reader, l, len(requests), collective, shards, timing)
             K, H = K.to(solver), H.to(solver)  # [m, N], [d, N]
             E = Z - H
             check_finite(K, f"memit: keys K of layer {l}", hint="the model's weights or inputs hold NaN/Inf")
