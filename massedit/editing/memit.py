@@ -127,7 +127,7 @@ def _compute_targets_here(model, tok, requests, hp: EditHparams, templates: Sequ
 
         new = optimise_targets(model, tok, [problems[i] for i in todo], hp, edit_module=module, edit_is_block=True,
                                nll_block=nll_block, batched=batched, on_result=on_result, progress=progress, desc="memit z",
-                               prefix_block=L)
+                               prefix_block=L, done_before=len(requests) - len(todo))
         for i, r in zip(todo, new):
             results[i] = r
     return results  # type: ignore[return-value]

@@ -611,13 +611,15 @@ def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_
                      nll_block: str | None = None, batched: bool | None = None, max_tokens: int | None = None,
                      prefix_block: int | None = None,
                      on_result: Callable[[int, TargetResult], None] | None = None, progress: bool = True,
-                     desc: str = "targets") -> list[TargetResult]:
+                     desc: str = "targets", done_before: int = 0) -> list[TargetResult]:
     """Optimise the target vector of every problem; ``batched`` (default ``hp.batched_targets``) groups
     them into memory-bounded sub-batches, else one request at a time. ``on_result(i, result)`` is called
     as soon as problem ``i`` is finished (used for the on-disk z cache). ``prefix_block``: the highest
     block whose output does not depend on δ (MEMIT: L; ROME: l - 1); in ``targets_forward="full"`` mode with
     ``hp.reuse_frozen_prefix`` its output is computed at the first step only and later steps run the blocks above
-    it. The ``"suffix"`` mode finds the edit point from ``edit_module`` itself."""
+    it. The ``"suffix"`` mode finds the edit point from ``edit_module`` itself. ``done_before``: requests of the same
+    job finished earlier (e.g. found in the z cache); the progress bar counts them (``done_before + n`` in all) and
+    its rate and ETA are over this call's work."""
     from massedit.core.adapters import get_adapter
 
     adapter = get_adapter(model)
@@ -635,7 +637,7 @@ def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_
     if progress and n:
         from massedit.core.progress import progress_bar
 
-        pbar = progress_bar(n, desc, unit="req", transient=True)
+        pbar = progress_bar(n + done_before, desc, unit="req", transient=True, initial=done_before)
     was_training = model.training
     model.eval()
     try:
