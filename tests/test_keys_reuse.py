@@ -82,3 +82,26 @@ def test_over_budget_falls_back_to_full_forwards():
     full, _ = _read_all(model, tok, max_gib=None)
     for (Ks, Hs), (Kf, Hf) in zip(small, full):
         assert torch.equal(Ks, Kf) and torch.equal(Hs, Hf)
+
+
+def test_gpu_budget_is_a_quarter_of_free_memory(monkeypatch):
+    """On a GPU the kept streams may take at most a quarter of its free memory, whatever keys_reuse_max_gib says
+    (checked on CPU: the streams are said to need 1 GiB and the first edited block to compute on cuda:0)."""
+    import massedit.editing.keys as keys
+
+    model, tok = tiny_model("gpt2", dtype=torch.float64)
+    a = get_adapter(model)
+    monkeypatch.setattr(keys, "layerwise_reader_bytes", lambda *args, **kw: 2**30)
+    monkeypatch.setattr(keys, "execution_device", lambda m, name: torch.device("cuda", 0))
+    built = []
+    monkeypatch.setattr(keys, "LayerwiseReader", lambda *args, **kw: built.append(1) or (_ for _ in ()).throw(
+        RuntimeError("streams built")))
+    for free_gib, reuse in ((3.9, False), (4.1, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None, f=free_gib: (int(f * 2**30), 80 * 2**30))
+        r = MemitKeyReader(model, tok, a, REQS, GROUPS, LAYERS[-1], "subject_last", LAYERS[0], max_gib=8.0)
+        if reuse:
+            with pytest.raises(RuntimeError, match="streams built"):
+                r.read(LAYERS[0])
+        else:
+            r.read(LAYERS[0])  # one full forward per layer, on the CPU model
+            assert not r.reuse and not built

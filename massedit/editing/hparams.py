@@ -75,7 +75,8 @@ class EditHparams:
     #                                      ignored on CPU
     keys_reuse_max_gib: float | None = 8.0  # MEMIT keys: the residual stream of the key contexts is kept between
     #                                      layers, so each layer's read runs only the blocks above the previous one,
-    #                                      while it fits this many GiB (null/0: a full forward per layer, the
+    #                                      while it fits this many GiB (on a GPU also a quarter of its free
+    #                                      memory; null/0: a full forward per layer, the
     #                                      reference's arithmetic; equal up to float rounding)
     teacher_forcing: str = "ids"         # "ids": prompt ids + target ids[:-1] (right for every tokenizer);
     #                                      "string": the reference's prompt + decode(target[:-1]) re-tokenized

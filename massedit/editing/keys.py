@@ -228,9 +228,14 @@ class MemitKeyReader:
             p = next(self.model.parameters())
             need = layerwise_reader_bytes(self.tok, [c.format(w) for c, w in zip(ctx, words)] +
                                           [r.prompt.format(r.subject) for r in self.requests], a.hidden_size, p.dtype)
-            if need > float(self.max_gib) * 2**30:
-                log.info("memit keys: a full forward per layer (the reused streams would take %.1f GiB > "
-                         "keys_reuse_max_gib=%s)", need / 2**30, self.max_gib)
+            budget = float(self.max_gib) * 2**30
+            dev = execution_device(self.model, a.block_name(self.first))
+            if dev.type == "cuda":  # the streams live on the GPU: leave room for the model's own work
+                budget = min(budget, 0.25 * torch.cuda.mem_get_info(dev)[0])
+            if need > budget:
+                log.info("memit keys: a full forward per layer (the reused streams would take %.1f GiB > %.1f GiB: "
+                         "keys_reuse_max_gib=%s, on a GPU at most a quarter of its free memory)", need / 2**30,
+                         budget / 2**30, self.max_gib)
                 self.reuse = False
                 return self.read(layer)
             self._ctx = LayerwiseReader(self.model, self.tok, a, ctx, words, self.first, self.rule)
