@@ -14,7 +14,6 @@ which a step's FLOPs follow. Hyper-parameters: the SmolLM2 fixture's ``hparams_m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 
-import pytest
 
 from massedit.core import progress as P
 
