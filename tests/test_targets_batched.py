@@ -41,8 +41,8 @@ def test_batched_equals_one_at_a_time(family, block):
     probs = [build_target_problem(tok, r, TEMPLATES) for r in REQS]
     kw = dict(edit_module=a.block_name(1) if block else a.mlp_name(1), edit_is_block=block, progress=False)
     one = optimise_targets(model, tok, probs, hp, batched=False, **kw)
-    many = optimise_targets(model, tok, probs, hp, batched=True, max_tokens=10_000, **kw)
-    tiny_batches = optimise_targets(model, tok, probs, hp, batched=True, max_tokens=1, **kw)  # one request per sub-batch
+    many = optimise_targets(model, tok, probs, hp, batched=True, max_tokens=10_000, step_tokens=10_000, **kw)
+    tiny_batches = optimise_targets(model, tok, probs, hp, batched=True, max_tokens=1, step_tokens=1, **kw)  # one request per sub-batch
     for x, y, z in zip(one, many, tiny_batches, strict=True):
         assert x.n_adam_steps == y.n_adam_steps == z.n_adam_steps
         assert x.early_stopped == y.early_stopped

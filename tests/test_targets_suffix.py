@@ -14,6 +14,7 @@ import torch
 from massedit.core.adapters import PrefixKVCache, get_adapter
 from massedit.data.requests import EditRequest
 from massedit.editing.hparams import EditHparams, HparamsError
+from massedit.editing.prefix_forest import build_forest
 from massedit.editing.targets import build_target_problem, optimise_targets, pack_rows, suffix_spans
 from massedit.testing import FAMILIES, tiny_model
 
@@ -103,7 +104,9 @@ def test_suffix_equals_full_float32_batched(family):
     hp = _hp(True)
     full = _run(model, tok, hp, 1, True, "full", batched=False)
     for max_tokens in (1, 10_000):
-        _compare(_run(model, tok, hp, 1, True, "suffix", batched=True, max_tokens=max_tokens), full, TOL32)
+        _compare(_run(model, tok, hp, 1, True, "suffix", batched=True, step_tokens=max_tokens), full, TOL32)
+    # the once-per-group forwards in chunks of a single lane
+    _compare(_run(model, tok, hp, 1, True, "suffix", batched=True, max_tokens=1), full, TOL32)
 
 
 def test_suffix_runs_only_the_suffix_and_the_frozen_blocks_once():
@@ -124,11 +127,15 @@ def test_suffix_runs_only_the_suffix_and_the_frozen_blocks_once():
     probs = [build_target_problem(tok, r, TEMPLATES) for r in REQS]
     width = max(p.max_len for p in probs)
     rows = sum(p.n_rows for p in probs)
-    assert calls[0] == [(rows, width)]           # the frozen part: one whole-row forward
+    ids = [r for p in probs for r in p.input_ids]
+    spans = [sp for p in probs for sp in suffix_spans(p)]
+    whole, prefix = build_forest(ids, [e for _, e in spans], 128, 0), build_forest(ids, [s for s, _ in spans], 128, 0)
+    # the frozen part: one forward of the rows' distinct prefixes (fewer slots than the rows have positions)
+    assert calls[0] == [(whole.n_lanes, whole.width)] and whole.n_slots < sum(e for _, e in spans)
     assert len(calls[3]) == 1 + hp.v_num_grad_steps  # prefix pass + one suffix pass per step
-    assert calls[3][0][0] == rows                # the prefix pass: every row
+    assert calls[3][0] == (prefix.n_lanes, prefix.width) and prefix.n_slots < sum(s for s, _ in spans)
     lanes, w = calls[3][1]
-    real = sum(b - a for p in probs for a, b in suffix_spans(p))
+    real = sum(b - a for a, b in spans)
     assert w < width / 2                          # the suffix is short: subject token .. end of the row
     assert lanes < rows and lanes * w < 1.5 * real  # rows share lanes: little padding
     assert all(r.n_adam_steps == 3 for r in res)

@@ -17,6 +17,7 @@ from typing import Callable, ClassVar
 
 import torch
 from torch import nn
+from massedit.core.attention import GROUPED, attention_implementation
 from massedit.core.errors import InputError
 from massedit.core.placement import param_storage
 
@@ -189,16 +190,34 @@ class ArchAdapter:
         return None if rot is None else rot(hidden, position_ids=position_ids)
 
     def run_blocks(self, hidden: torch.Tensor, start: int, stop: int, *, allowed: torch.Tensor,
-                   position_ids: torch.Tensor, cache=None, keep=()) -> dict[int, torch.Tensor]:
+                   position_ids: torch.Tensor, cache=None, keep=(), attention: str = "model") -> dict[int, torch.Tensor]:
         """Run blocks ``start..stop`` (inclusive) on ``hidden`` ``[B, Q, d]`` — the residual stream entering block
         ``start`` — with ``position_ids`` ``[B, Q]`` and the attention pattern ``allowed`` ``[B, Q, K]`` over the keys
         (``K`` = cached prefix + ``Q``). ``cache`` (e.g. :class:`PrefixKVCache`) receives every layer's keys/values.
+        ``attention``: ``"model"`` (the model's own implementation) or ``"grouped"``
+        (:func:`massedit.core.attention.grouped_attention`: the same softmax attention, faster for many short queries).
         Returns the hidden state after each block in ``keep`` and after ``stop``; key ``start - 1`` is the input."""
         out = {start - 1: hidden}
         if stop < start:
             return out
+        if attention not in ("model", "grouped"):
+            raise ValueError(f"attention must be 'model' or 'grouped', got {attention!r}")
         mask = self.attention_bias(allowed, hidden.dtype)
         pe = self.rotary_embeddings(hidden, position_ids)
+        impl = GROUPED if attention == "grouped" and self.grouped_attention_unsupported() is None else None
+        with attention_implementation(self.config, impl):
+            self._run_blocks(hidden, start, stop, mask, position_ids, pe, cache, keep, out)
+        return out
+
+    def grouped_attention_unsupported(self) -> str | None:
+        """Why :func:`~massedit.core.attention.grouped_attention` would not compute this model's attention (None:
+        it does). It computes ``softmax(q kᵀ · scaling + mask) v`` with the module's ``scaling``, as transformers'
+        ``sdpa``; configurations whose attention differs from that keep the model's own implementation."""
+        if getattr(self.config, "reorder_and_upcast_attn", False):
+            return "reorder_and_upcast_attn (eager GPT-2 computes the scores in float32)"
+        return None
+
+    def _run_blocks(self, hidden, start, stop, mask, position_ids, pe, cache, keep, out) -> None:
         for i in range(start, stop + 1):
             block = self.block(i)
             kw = _block_kwargs(type(block))
@@ -215,7 +234,6 @@ class ArchAdapter:
             hidden = self.block_hidden(block(hidden, **args))
             if i in keep or i == stop:
                 out[i] = hidden
-        return out
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -264,6 +282,17 @@ class PrefixKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         kv = self.layers.get(layer_idx) or next(iter(self.layers.values()), None)
         return 0 if kv is None else int(kv[0].shape[-2])
+
+    @classmethod
+    def concat(cls, caches: "list[PrefixKVCache]") -> "PrefixKVCache":
+        """The recorded keys/values of several caches (over disjoint batch rows, the same length) in one, their
+        rows in order."""
+        if len(caches) == 1:
+            return caches[0]
+        out = cls()
+        for i in caches[0].layers:
+            out.layers[i] = tuple(torch.cat([c.layers[i][j] for c in caches]) for j in (0, 1))
+        return out
 
     def gather(self, rows: torch.Tensor, positions: torch.Tensor) -> "PrefixKVCache":
         """A replaying cache whose lane ``l`` holds at slot ``t`` the recorded keys/values of batch row

@@ -59,7 +59,11 @@ class EditHparams:
     batch_size: int | None = None        # MEMIT: requests per batch (None = all at once); later batches
     #                                      are edited on top of the earlier ones
     batched_targets: bool = True         # optimise the z / v* of a chunk together (False: one at a time)
-    targets_max_tokens: int = 2048       # memory bound: padded whole-row tokens per batched sub-batch
+    targets_max_tokens: int = 2048       # memory bound: padded whole-row tokens per batched sub-batch (suffix mode:
+    #                                      tokens per chunk of its once-per-group forwards)
+    targets_step_tokens: int = 2048      # targets_forward=suffix, memory bound: suffix tokens per sub-batch, i.e.
+    #                                      per Adam step's forward/backward (requests are independent: only speed
+    #                                      and memory depend on it)
     reuse_frozen_prefix: bool = True     # targets_forward=full: compute the blocks up to the edit point once per target optimisation
     #                                      (their output does not depend on δ) instead of at every step
     targets_forward: str = "suffix"      # "suffix": per step only the positions from each row's subject token on run
@@ -73,6 +77,11 @@ class EditHparams:
     targets_autocast: str | None = None  # null | bf16 | fp16: run the frozen model's forwards of the target
     #                                      optimisation under CUDA autocast (δ, logits and loss stay float32);
     #                                      ignored on CPU
+    block_attention: str = "grouped"     # attention in the blocks massedit runs itself (target steps, prefix pass,
+    #                                      keys between layers): "grouped" (softmax(q k^T s + mask) v with the query
+    #                                      heads of one key/value head stacked, no repeated K/V; faster for short
+    #                                      queries) or "model" (the model's attention implementation); equal up to
+    #                                      float rounding
     keys_reuse_max_gib: float | None = 8.0  # MEMIT keys: the residual stream of the key contexts is kept between
     #                                      layers, so each layer's read runs only the blocks above the previous one,
     #                                      while it fits this many GiB (on a GPU also a quarter of its free
@@ -107,8 +116,12 @@ class EditHparams:
             raise HparamsError(f"hparams field 'targets_forward' must be 'suffix' or 'full', got {self.targets_forward!r}")
         if self.targets_autocast not in (None, "bf16", "fp16"):
             raise HparamsError(f"hparams field 'targets_autocast' must be null, 'bf16' or 'fp16', got {self.targets_autocast!r}")
+        if self.block_attention not in ("grouped", "model"):
+            raise HparamsError(f"hparams field 'block_attention' must be 'grouped' or 'model', got {self.block_attention!r}")
         if int(self.targets_max_tokens) < 1:
             raise HparamsError("hparams field 'targets_max_tokens' must be >= 1")
+        if int(self.targets_step_tokens) < 1:
+            raise HparamsError("hparams field 'targets_step_tokens' must be >= 1")
         for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):
             if not float(getattr(self, name)) > 0:
                 raise HparamsError(f"hparams field {name!r} must be > 0, got {getattr(self, name)}")

@@ -115,8 +115,8 @@ class LayerwiseReader:
     Memory: the stream of every context, ``rows x width x d`` in the model's dtype."""
 
     def __init__(self, model, tok, adapter: ArchAdapter, templates: Sequence[str], words: Sequence[str], first: int,
-                 rule: str = "subject_last", chunk: int = 128):
-        self.model, self.adapter, self.cur = model, adapter, int(first)
+                 rule: str = "subject_last", chunk: int = 128, attention: str = "model"):
+        self.model, self.adapter, self.cur, self.attention = model, adapter, int(first), attention
         idxs = lookup_indices(tok, templates, words, rule)
         texts = [t.format(w) for t, w in zip(templates, words)]
         device = next(model.parameters()).device
@@ -146,7 +146,8 @@ class LayerwiseReader:
         """Blocks ``start..stop`` on ``h``, each on its own device (a model spread over devices)."""
         for i in range(start, stop + 1):
             dev = execution_device(self.model, self.adapter.block_name(i))
-            h = self.adapter.run_blocks(h.to(dev), i, i, allowed=allowed.to(dev), position_ids=positions.to(dev))[i]
+            h = self.adapter.run_blocks(h.to(dev), i, i, allowed=allowed.to(dev), position_ids=positions.to(dev),
+                                        attention=self.attention)[i]
         return h
 
     def _advance(self, layer: int) -> None:
@@ -208,8 +209,8 @@ class MemitKeyReader:
     layer (:func:`memit_keys`, :func:`bare_prompt_io`), the reference's arithmetic. They agree up to float rounding."""
 
     def __init__(self, model, tok, adapter: ArchAdapter, requests, template_groups, z_layer: int, rule: str,
-                 first_layer: int, max_gib: float | None = 8.0):
-        self.model, self.tok, self.adapter = model, tok, adapter
+                 first_layer: int, max_gib: float | None = 8.0, attention: str = "model"):
+        self.model, self.tok, self.adapter, self.attention = model, tok, adapter, attention
         self.requests, self.groups, self.z_layer, self.rule = list(requests), template_groups, int(z_layer), rule
         self.first = int(first_layer)
         self.max_gib = max_gib
@@ -238,9 +239,11 @@ class MemitKeyReader:
                          budget / 2**30, self.max_gib)
                 self.reuse = False
                 return self.read(layer)
-            self._ctx = LayerwiseReader(self.model, self.tok, a, ctx, words, self.first, self.rule)
+            self._ctx = LayerwiseReader(self.model, self.tok, a, ctx, words, self.first, self.rule,
+                                        attention=self.attention)
             self._bare = LayerwiseReader(self.model, self.tok, a, [r.prompt for r in self.requests],
-                                         [r.subject for r in self.requests], self.first, self.rule)
+                                         [r.subject for r in self.requests], self.first, self.rule,
+                                         attention=self.attention)
         k = self._ctx.module_inputs(layer, a.rewrite_name(layer))
         K = mean_over_template_groups(k, len(self.requests), [len(g) for g in self.groups])
         H = self._bare.block_outputs(layer, self.z_layer)

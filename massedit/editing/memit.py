@@ -186,7 +186,8 @@ def apply_memit_batch(model, tok, requests, hp: EditHparams, template_groups, C_
     deltas: Deltas = {}
     per_layer = []
     mine = [requests[i] for i in shards[collective.rank]] if is_distributed(collective) else requests
-    reader = MemitKeyReader(model, tok, adapter, mine, groups, L, hp.fact_token, layers[0], hp.keys_reuse_max_gib)
+    reader = MemitKeyReader(model, tok, adapter, mine, groups, L, hp.fact_token, layers[0], hp.keys_reuse_max_gib,
+                            attention=hp.block_attention)
     with stage("keys_solve"), progress_bar(len(layers), "memit keys+solve", unit="layer", transient=True,
                                            enabled=progress and (collective is None or collective.rank == 0)) as bar:
         for i, l in enumerate(layers):

@@ -42,6 +42,7 @@ from massedit.core.adapters import ArchAdapter, PrefixKVCache
 from massedit.core.nethook import TraceDict
 from massedit.core.tokenization import (encode, subject_token_index, target_token_ids, token_type_ids_like,
                                         with_leading_space)
+from massedit.editing.prefix_forest import build_forest
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +216,8 @@ def _replace_hidden(output, h):
 
 
 def _group_problems(problems: Sequence[TargetProblem], order: Sequence[int], max_tokens: int, max_requests: int | None):
-    """Greedy sub-batches (in ``order``) with padded whole-row tokens <= ``max_tokens`` (at least one request each).
-    The suffix mode groups the same way: its once-per-group whole-row forward and prefix pass are bounded by it, and
-    larger groups measured slower (wider prefix padding, a slower step at 80 records)."""
+    """Greedy sub-batches (in ``order``) with padded whole-row tokens <= ``max_tokens`` (at least one request each):
+    the whole-row forward (``targets_forward="full"``) is bounded by it."""
     groups, cur, cur_rows, cur_w = [], [], 0, 0
     for i in order:
         p = problems[i]
@@ -227,6 +227,23 @@ def _group_problems(problems: Sequence[TargetProblem], order: Sequence[int], max
             cur, rows, w = [], p.n_rows, p.max_len
         cur.append(i)
         cur_rows, cur_w = rows, w
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _group_by_step_tokens(problems: Sequence[TargetProblem], order: Sequence[int], step_tokens: int):
+    """Greedy sub-batches (in ``order``) with at most ``step_tokens`` suffix tokens (:func:`suffix_spans`; at least one
+    request each): what a step of ``targets_forward="suffix"`` runs forward and backward. Its once-per-group forwards
+    run in chunks (``targets_max_tokens``), so they do not bound the group."""
+    groups, cur, tokens = [], [], 0
+    for i in order:
+        t = sum(e - s for s, e in suffix_spans(problems[i]))
+        if cur and tokens + t > step_tokens:
+            groups.append(cur)
+            cur, tokens = [], 0
+        cur.append(i)
+        tokens += t
     if cur:
         groups.append(cur)
     return groups
@@ -301,8 +318,8 @@ class _FullForward:
     from the first forward and later steps run only the blocks above it (:meth:`ArchAdapter.run_blocks`)."""
 
     def __init__(self, model, adapter: ArchAdapter, problems, *, edit_module, edit_is_block, nll_layer, prefix_block,
-                 reuse, tok, device):
-        self.model, self.adapter, self.tok, self.device = model, adapter, tok, device
+                 reuse, tok, device, attention="model"):
+        self.model, self.adapter, self.tok, self.device, self.attention = model, adapter, tok, device, attention
         self.edit_module, self.edit_is_block = edit_module, edit_is_block
         self.final = adapter.num_layers - 1
         self.nll_layer = nll_layer
@@ -350,7 +367,7 @@ class _FullForward:
             pos = torch.arange(W, device=h.device)[None].expand(len(am), W)
             with TraceDict(self.model, [self.edit_module], retain_output=False, edit_output=self._edit_fn(batch, D, None)):
                 hs = a.run_blocks(h, self.prefix_block + 1, self.final, allowed=allowed, position_ids=pos,
-                                  keep=(self.nll_layer,))
+                                  keep=(self.nll_layer,), attention=self.attention)
         h_nll, h_fin = hs[self.nll_layer], hs[self.final]
         return (h_nll[batch.nll_rows.to(h_nll.device), batch.nll_pos.to(h_nll.device)],
                 h_fin[batch.kl_rows.to(h_fin.device), batch.kl_pos.to(h_fin.device)],
@@ -376,8 +393,9 @@ class _SuffixForward:
     attending to the cached prefix K/V plus itself (causally), at its true positions."""
 
     def __init__(self, model, adapter: ArchAdapter, problems, *, edit_module, edit_is_block, nll_layer, tok, device,
-                 pad_id, pack: bool = True):
-        self.adapter, self.device = adapter, device
+                 pad_id, pack: bool = True, attention: str = "model", max_tokens: int = 2048,
+                 lane_width: int = 128):
+        self.adapter, self.device, self.attention = adapter, device, attention
         self.E = _layer_of(adapter, edit_module)
         self.final = adapter.num_layers - 1
         self.nll_layer = nll_layer
@@ -385,35 +403,75 @@ class _SuffixForward:
             raise ValueError(f"targets_forward=suffix reads the loss at or above the edit point (block {self.E}), "
                              f"not at block {nll_layer}")
         self.starts = _row_starts(problems)
-        batch = _Batch(problems, pad_id, device)
-        names = [edit_module, adapter.block_name(self.E)]
-        with torch.no_grad(), TraceDict(model, names, retain_output=True, stop=True) as td:
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                  **token_type_ids_like(tok, batch.input_ids))
-        out = ArchAdapter.block_hidden(td[edit_module].output) if edit_is_block else td[edit_module].output
-        self.init = out[batch.row0.to(out.device), batch.row0_pos.to(out.device)].detach().float().clone()
-        h = ArchAdapter.block_hidden(td[adapter.block_name(self.E)].output).detach()
-        del td, out
+        self.pack = pack
+        rows = [r for p in problems for r in p.input_ids]
         spans = [span for p in problems for span in suffix_spans(p)]
         starts, ends = [a for a, _ in spans], [b for _, b in spans]
-        dev = h.device
+        R, S, P = len(rows), max(e - a for a, e in spans), max(starts)
+        # 1. the model up to block E (its own forward) on every distinct prefix of the rows' positions [0, end)
+        f1 = build_forest(rows, ends, lane_width, pad_id)
+        h1, init = self._frozen_forward(model, tok, f1, edit_module, edit_is_block, max_tokens,
+                                        *f1.index(self.starts, [p.lookup_idxs[0] for p in problems]))
+        self.init = init.float().clone()
+        dev = h1.device
+        lane1 = torch.tensor(f1.lane, dtype=torch.long, device=dev)[:, None].expand(R, S)
+        slot1 = torch.tensor([[f1.slots[r][min(a + t, e - 1)] for t in range(S)] for r, (a, e) in enumerate(spans)],
+                             dtype=torch.long, device=dev)
+        self.base = h1[lane1, slot1]                                              # [R, S, d] at δ = 0
         self.s = torch.tensor(starts, dtype=torch.long, device=dev)
         self.n = torch.tensor(ends, dtype=torch.long, device=dev)
-        self.pack = pack
-        R, W = h.shape[:2]
-        P, S = int(self.s.max()), int((self.n - self.s).max())
-        j = torch.arange(S, device=dev)
-        idx = (self.s[:, None] + j).clamp(max=W - 1)
-        self.base = h.gather(1, idx[..., None].expand(R, S, h.shape[-1]))        # [R, S, d] at δ = 0
-        self.pos = (self.s[:, None] + j).clamp(max=adapter.context_length - 1)  # true positions (pads clamped)
+        self.pos = (self.s[:, None] + torch.arange(S, device=dev)).clamp(max=adapter.context_length - 1)
+        # 2. blocks E+1..N on every distinct prefix [0, s) (never changed by δ), keeping their keys/values
         self.cache = PrefixKVCache()
+        self.kv_lane = torch.zeros(R, dtype=torch.long, device=dev)
+        self.kv_slot = torch.zeros(R, max(1, P), dtype=torch.long, device=dev)
         if P > 0 and self.E < self.final:
+            f2 = build_forest(rows, starts, lane_width, pad_id)
+            src = [sr or (0, 0) for lane in f2.source for sr in lane]  # empty slots: any state, never attended
+            src_lane, src_slot = f1.index([r for r, _ in src], [q for _, q in src])
+            h2 = h1[src_lane.to(dev), src_slot.to(dev)].view(f2.n_lanes, f2.width, -1)
+            per = max(1, int(max_tokens) // f2.width)
+            caches = []
             with torch.no_grad():
-                causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()[None].expand(R, P, P)
-                adapter.run_blocks(h[:, :P], self.E + 1, self.final, allowed=causal,
-                                   position_ids=torch.arange(P, device=dev)[None].expand(R, P), cache=self.cache)
+                for c in range(0, f2.n_lanes, per):
+                    cache = PrefixKVCache()
+                    adapter.run_blocks(h2[c:c + per], self.E + 1, self.final, allowed=f2.allowed[c:c + per].to(dev),
+                                       position_ids=f2.positions[c:c + per].to(dev), cache=cache, attention=attention)
+                    caches.append(cache)
+            self.cache = PrefixKVCache.concat(caches)
+            self.kv_lane = torch.tensor(f2.lane, dtype=torch.long, device=dev)
+            for r, sl in enumerate(f2.slots):
+                if sl:
+                    self.kv_slot[r, :len(sl)] = torch.tensor(sl, dtype=torch.long)
         self.cache.recording = False
         self.sel = None
+
+    def _frozen_forward(self, model, tok, forest, edit_module, edit_is_block, max_tokens, init_lane, init_slot):
+        """The model's own forward up to block E on the forest's lanes (their ancestor attention pattern passed as a
+        4D mask, their depths as position ids), in chunks of at most ``max_tokens`` slots: block E's output
+        ``[lanes, width, d]`` and the edit module's output at ``(init_lane, init_slot)``."""
+        a = self.adapter
+        names = [edit_module, a.block_name(self.E)]
+        dtype = next(model.parameters()).dtype
+        per = max(1, int(max_tokens) // forest.width)
+        hs, inits = [], []
+        for c in range(0, forest.n_lanes, per):
+            ids = forest.ids[c:c + per].to(self.device)
+            mask = a.attention_bias(forest.allowed[c:c + per].to(self.device), dtype)
+            with torch.no_grad(), TraceDict(model, names, retain_output=True, stop=True) as td:
+                model(input_ids=ids, attention_mask=mask, position_ids=forest.positions[c:c + per].to(self.device),
+                      use_cache=False, **token_type_ids_like(tok, ids))
+            hs.append(ArchAdapter.block_hidden(td[a.block_name(self.E)].output).detach())
+            out = ArchAdapter.block_hidden(td[edit_module].output) if edit_is_block else td[edit_module].output
+            mine = (init_lane >= c) & (init_lane < c + per)
+            inits.append((torch.nonzero(mine)[:, 0], out[(init_lane[mine] - c).to(out.device),
+                                                           init_slot[mine].to(out.device)].detach()))
+            del td, out
+        h = torch.cat(hs) if len(hs) > 1 else hs[0]
+        init = torch.empty(len(init_lane), h.shape[-1], dtype=h.dtype, device=h.device)
+        for where, v in inits:
+            init[where.to(h.device)] = v.to(h.device, h.dtype)
+        return h, init
 
     def select(self, active: Sequence[int], problems, batch: _Batch) -> None:
         """Lay the active rows' suffixes out in lanes (:func:`pack_rows`: several short suffixes side by side in one
@@ -454,11 +512,12 @@ class _SuffixForward:
         allowed = torch.cat([kv_seg[:, None, :] == seg[:, :, None],
                              (seg[:, None, :] == seg[:, :, None]) & (q[None, None, :] <= q[None, :, None])], dim=2)
         # the lane's prefix K/V: slot t holds the cache's (row, position) (pad slots: any entry, never attended)
-        src_row = torch.zeros(len(lanes), K, dtype=torch.long, device=dev) + rows[0]
+        src_row = torch.zeros(len(lanes), K, dtype=torch.long, device=dev)
         src_pos = torch.zeros(len(lanes), K, dtype=torch.long, device=dev)
         if kv_lane:
-            src_row[T(kv_lane), T(kv_slot)] = rows[T(kv_row)]
-            src_pos[T(kv_lane), T(kv_slot)] = T(kv_pos)
+            src = rows[T(kv_row)]
+            src_row[T(kv_lane), T(kv_slot)] = self.kv_lane[src]
+            src_pos[T(kv_lane), T(kv_slot)] = self.kv_slot[src, T(kv_pos)]
         lane_t, off_t, s_t = T(lane_of), T(off), T(s_l)
 
         def where(r, p):  # batch-local row r, position p in the row -> (lane, slot)
@@ -476,7 +535,7 @@ class _SuffixForward:
         el, es, eq = z["edit"]
         x = _add_at(z["base"], el, es, D[eq.to(D.device)])
         hs = self.adapter.run_blocks(x, self.E + 1, self.final, allowed=z["allowed"], position_ids=z["pos"],
-                                     cache=z["cache"], keep=(self.nll_layer,))
+                                     cache=z["cache"], keep=(self.nll_layer,), attention=self.attention)
         h_nll, h_fin = hs[self.nll_layer], hs[self.final]
         (nl, ns), (kl, ks) = z["nll"], z["kl"]
         return (h_nll[nl.to(h_nll.device), ns.to(h_nll.device)], h_fin[kl.to(h_fin.device), ks.to(h_fin.device)],
@@ -517,7 +576,7 @@ def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
 # ------------------------------------------------------------------------------------- optimiser
 def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], *, edit_module: str, edit_is_block: bool,
                     nll_block: str | None, hp, pad_id: int, pbar=None, prefix_block: int | None = None,
-                    tok=None) -> list[TargetResult]:
+                    tok=None, max_tokens: int | None = None) -> list[TargetResult]:
     device = next(model.parameters()).device
     final = adapter.num_layers - 1
     nll_layer = _layer_of(adapter, nll_block) if nll_block else final
@@ -527,14 +586,17 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
         log.warning("targets_forward=suffix is not available for this model (%s): running whole rows", why_not)
     reuse = (getattr(hp, "reuse_frozen_prefix", True) and prefix_block is not None and prefix_block >= 0
              and why_not is None)
+    attention = getattr(hp, "block_attention", "model")
     with _autocast(hp, device):
         if mode == "suffix" and why_not is None:
             fwd = _SuffixForward(model, adapter, problems, edit_module=edit_module, edit_is_block=edit_is_block,
                                  nll_layer=nll_layer, tok=tok, device=device, pad_id=pad_id,
-                                 pack=bool(getattr(hp, "targets_pack_rows", True)))
+                                 pack=bool(getattr(hp, "targets_pack_rows", True)), attention=attention,
+                                 max_tokens=hp.targets_max_tokens if max_tokens is None else max_tokens)
         else:
             fwd = _FullForward(model, adapter, problems, edit_module=edit_module, edit_is_block=edit_is_block,
-                               nll_layer=nll_layer, prefix_block=prefix_block, reuse=reuse, tok=tok, device=device)
+                               nll_layer=nll_layer, prefix_block=prefix_block, reuse=reuse, tok=tok, device=device,
+                               attention=attention)
     n = len(problems)
     d = adapter.hidden_size
     deltas = [torch.zeros(d, device=device, dtype=torch.float32, requires_grad=True) for _ in range(n)]
@@ -557,11 +619,13 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
         D = torch.stack([deltas[i] for i in active])
         with _autocast(hp, device):
             h_nll, h_kl, init_now = fwd.forward(batch, D, first)
-        # logits only where the loss reads them, in float32 (outside autocast)
-        lp = torch.log_softmax(adapter.unembed(h_nll).float(), dim=-1)
+        # logits only where the loss reads them, in float32 (outside autocast); the NLL and KL positions in one
+        # unembedding (one pass over the [V, d] head instead of two)
+        n_nll = h_nll.shape[0]
+        lp_all = torch.log_softmax(adapter.unembed(torch.cat([h_nll, h_kl.to(h_nll.device)])).float(), dim=-1)
+        lp, kl_lp = lp_all[:n_nll], lp_all[n_nll:].to(device)
         lp_t = lp.gather(1, batch.nll_tok.to(lp.device)[:, None])[:, 0].to(device)
         nll, prob = nll_per_request(lp_t, batch)
-        kl_lp = torch.log_softmax(adapter.unembed(h_kl).float(), dim=-1).to(device)
         if first:
             for j, i in enumerate(active):
                 init[i] = init_now[j].to(device)
@@ -596,7 +660,7 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
                 opts[i].step()
                 steps[i] += 1
                 clamp_delta_(deltas[i], hp.clamp_norm_factor * init_norm[i])
-        del h_nll, h_kl, lp, kl_lp, loss
+        del h_nll, h_kl, lp_all, lp, kl_lp, loss
         active = still
         if not active:
             break
@@ -609,7 +673,7 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
 
 def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_module: str, edit_is_block: bool,
                      nll_block: str | None = None, batched: bool | None = None, max_tokens: int | None = None,
-                     prefix_block: int | None = None,
+                     step_tokens: int | None = None, prefix_block: int | None = None,
                      on_result: Callable[[int, TargetResult], None] | None = None, progress: bool = True,
                      desc: str = "targets", done_before: int = 0) -> list[TargetResult]:
     """Optimise the target vector of every problem; ``batched`` (default ``hp.batched_targets``) groups
@@ -629,7 +693,11 @@ def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_
     n = len(problems)
     if batched:
         order = sorted(range(n), key=lambda i: (problems[i].max_len, i))
-        groups = _group_problems(problems, order, max_tokens, None)
+        if getattr(hp, "targets_forward", "full") == "suffix" and adapter.block_runner_unsupported() is None:
+            step_tokens = getattr(hp, "targets_step_tokens", 2048) if step_tokens is None else step_tokens
+            groups = _group_by_step_tokens(problems, order, step_tokens)
+        else:
+            groups = _group_problems(problems, order, max_tokens, None)
     else:
         groups = [[i] for i in range(n)]
     results: list[TargetResult | None] = [None] * n
@@ -645,7 +713,7 @@ def optimise_targets(model, tok, problems: Sequence[TargetProblem], hp, *, edit_
             for g in groups:
                 res = _optimise_group(model, adapter, [problems[i] for i in g], edit_module=edit_module,
                                       edit_is_block=edit_is_block, nll_block=nll_block, hp=hp, pad_id=pad_id, pbar=pbar,
-                                      prefix_block=prefix_block, tok=tok)
+                                      prefix_block=prefix_block, tok=tok, max_tokens=max_tokens)
                 for i, r in zip(g, res):
                     results[i] = r
                     if on_result is not None:
