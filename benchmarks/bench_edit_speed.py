@@ -179,6 +179,15 @@ def profile_z(model, tok, reqs, hp, templates, steps: int, top: int, out: str | 
     return table
 
 
+def _mode(hp, mode: str):
+    """The hyper-parameters of one benchmark mode: ``"suffix"`` the defaults; ``"full"`` the path before the speed
+    work: whole rows every target step (the frozen prefix reused), the model's own attention implementation, and the
+    MEMIT keys from a whole forward per layer."""
+    if mode == "suffix":
+        return hp.replace(targets_forward="suffix")
+    return hp.replace(targets_forward="full", keys_reuse_max_gib=0, block_attention="model")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="CounterFact JSON (e.g. counterfact_dev.json)")
@@ -229,16 +238,16 @@ def main(argv=None):
             for mode in ("full", "suffix"):
                 compute_targets(model, tok, reqs[:1], hp_m.replace(v_num_grad_steps=2, targets_forward=mode),
                                 flatten(groups), progress=False)
-        # "full": whole rows every z step and a whole forward per layer for the keys (keys_reuse_max_gib 0);
+        # "full": whole rows every z step, the model's attention, and a whole forward per layer for the keys;
         # "suffix": the changing suffix only and the keys' stream advanced between layers (the defaults)
-        res = {mode: run_memit(model, tok, reqs[: args.n], hp_m.replace(targets_forward=mode, keys_reuse_max_gib=(
-            0 if mode == "full" else hp_m.keys_reuse_max_gib)), groups, C_m, device) for mode in ("full", "suffix")}
+        res = {mode: run_memit(model, tok, reqs[: args.n], _mode(hp_m, mode), groups, C_m, device)
+               for mode in ("full", "suffix")}
         rows.append(compare("memit", args.n, res))
         if args.rome_n:
             C_r = stats(model, tok, hp_r.layers)
             templates = sample_rome_templates(model, tok, hp_r.context_template_length_params, seed=0)
-            res = {mode: run_rome(model, tok, reqs[: args.rome_n], hp_r.replace(targets_forward=mode), templates, C_r,
-                                  device) for mode in ("full", "suffix")}
+            res = {mode: run_rome(model, tok, reqs[: args.rome_n], _mode(hp_r, mode), templates, C_r, device)
+                   for mode in ("full", "suffix")}
             rows.append(compare("rome", args.rome_n, res))
         print_table(rows)
     out = {"meta": meta, "rows": rows}

@@ -14,7 +14,8 @@ import torch
 from massedit.core.adapters import ArchAdapter
 from massedit.core.nethook import Trace
 from massedit.core.placement import execution_device, storage_version
-from massedit.core.tokenization import resolve_index, subject_token_index, tokenize_batch
+from massedit.core.tokenization import resolve_index, subject_token_index, token_type_ids_like, tokenize_batch
+from massedit.editing.prefix_forest import build_forest
 
 log = logging.getLogger(__name__)
 
@@ -106,36 +107,68 @@ class LayerwiseReader:
     """Rewrite-module inputs and block outputs at the subject token of fixed contexts, read at ascending layers while
     the caller edits each layer after reading it (MEMIT's keys: layer l's keys see the writes of the layers below).
 
-    The residual stream entering the lowest layer ``first`` is computed once by the model's own forward (blocks below
-    ``first`` are never edited); a read at layer l first runs only the blocks between the previous read and l, on the
-    stored stream, with their current weights (:meth:`ArchAdapter.run_blocks`, causal attention over each row's own
-    tokens). Reading layers ``l_1 < ... < l_k`` thus runs ``l_k + 1`` blocks in all instead of ``Σ (l_i + 1)``; the
-    arithmetic per block is the model's own, so the keys equal :func:`module_io_at_words` up to float rounding.
-    A block below the last read must not change afterwards: a read checks it and raises ``RuntimeError``.
-    Memory: the stream of every context, ``rows x width x d`` in the model's dtype."""
+    Causal attention: the subject token's states depend only on the tokens up to it, so each context is cut after its
+    subject token and the cut rows are laid out as a forest of their distinct prefixes (:func:`build_forest`: the
+    context templates' tokens, repeated by every request, are computed once). The residual stream entering the
+    lowest layer ``first`` is computed once by the model's own forward on the forest's lanes (blocks below ``first``
+    are never edited); a read at layer l first runs only the blocks between the previous read and l, on the stored
+    stream, with their current weights (:meth:`ArchAdapter.run_blocks`, each slot attending its own prefix). Reading
+    layers ``l_1 < ... < l_k`` thus runs ``l_k + 1`` blocks in all instead of ``Σ (l_i + 1)``, on fewer positions;
+    the arithmetic per position is the model's own, so the keys equal :func:`module_io_at_words` up to float
+    rounding. A block below the last read must not change afterwards: a read checks it and raises ``RuntimeError``.
+    Memory: the stream of every forest slot, ``slots x d`` in the model's dtype (at most the padded contexts')."""
 
     def __init__(self, model, tok, adapter: ArchAdapter, templates: Sequence[str], words: Sequence[str], first: int,
-                 rule: str = "subject_last", chunk: int = 128, attention: str = "model"):
+                 rule: str = "subject_last", chunk: int = 128, attention: str = "model", lane_width: int = 128):
         self.model, self.adapter, self.cur, self.attention = model, adapter, int(first), attention
         idxs = lookup_indices(tok, templates, words, rule)
         texts = [t.format(w) for t, w in zip(templates, words)]
         device = next(model.parameters()).device
-        self.chunks = []  # (hidden entering block cur [B, W, d], allowed [B, W, W], positions [B, W], subject pos [B])
+        rows, cut = [], []
+        for s in range(0, len(texts), chunk):
+            enc = tokenize_batch(tok, texts[s : s + chunk])
+            am = enc["attention_mask"]
+            for r, i in enumerate(idxs[s : s + chunk]):
+                pos = resolve_index(i, am[r])
+                n = int(am[r].sum())
+                if pos >= n:
+                    raise ValueError(f"subject index {pos} beyond the tokenised context {texts[s + r]!r}")
+                rows.append(enc["input_ids"][r, :n].tolist())
+                cut.append(pos + 1)
+        self.n_rows = len(rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        forest = build_forest(rows, cut, lane_width, pad)
+        self.n_slots = forest.n_slots
+        per = max(1, (chunk * lane_width) // forest.width)
+        dtype = next(model.parameters()).dtype
+        # per chunk of lanes: (hidden entering block cur [lanes, W, d], allowed, positions, rows read there, lane, slot)
+        self.chunks = []
         with torch.no_grad():
-            for s in range(0, len(texts), chunk):
-                enc = tokenize_batch(tok, texts[s : s + chunk], device=device)
-                am = enc["attention_mask"]
-                pos = torch.tensor([resolve_index(i, am[r]) for r, i in enumerate(idxs[s : s + chunk])])
-                if int(pos.max()) >= enc["input_ids"].shape[1]:
-                    bad = int(torch.argmax(pos))
-                    raise ValueError(f"subject index {int(pos[bad])} beyond the tokenised context {texts[s + bad]!r}")
+            for c in range(0, forest.n_lanes, per):
+                ids = forest.ids[c : c + per].to(device)
+                allowed = forest.allowed[c : c + per].to(device)
+                positions = forest.positions[c : c + per].to(device)
                 with Trace(model, adapter.block_name(self.cur), retain_input=True, retain_output=False, stop=True) as tr:
-                    model(**enc)
+                    model(input_ids=ids, attention_mask=adapter.attention_bias(allowed, dtype), position_ids=positions,
+                          use_cache=False, **token_type_ids_like(tok, ids))
                 h = tr.input.detach()
-                B, W = am.shape
-                allowed = torch.ones(W, W, dtype=torch.bool, device=h.device).tril()[None] & am.bool().to(h.device)[:, None, :]
-                self.chunks.append((h, allowed, torch.arange(W, device=h.device)[None].expand(B, W), pos))
+                mine = [r for r in range(len(rows)) if c <= forest.lane[r] < c + per]
+                lane = torch.tensor([forest.lane[r] - c for r in mine], dtype=torch.long)
+                slot = torch.tensor([forest.slots[r][cut[r] - 1] for r in mine], dtype=torch.long)
+                self.chunks.append((h, allowed.to(h.device), positions.to(h.device), torch.tensor(mine), lane, slot))
         self._versions = self._block_versions(self.cur)
+
+    def _gather(self, read) -> torch.Tensor:
+        """``[n, width]`` float32 in the contexts' order from ``read(chunk) -> (tensor [lanes, W, width])``."""
+        out = None
+        for ch in self.chunks:
+            x = read(ch)
+            _, _, _, mine, lane, slot = ch
+            v = x[lane.to(x.device), slot.to(x.device)].float()
+            if out is None:
+                out = torch.empty(self.n_rows, v.shape[-1], dtype=torch.float32, device=v.device)
+            out[mine.to(v.device)] = v.to(out.device)
+        return out
 
     def _block_versions(self, upto: int) -> list[int | None]:
         names = [self.adapter.block_name(i) for i in range(upto)]
@@ -158,7 +191,7 @@ class LayerwiseReader:
                                f"follows edits at or above the last layer read")
         if layer > self.cur:
             with torch.no_grad():
-                self.chunks = [(self._run(h, a, p, self.cur, layer - 1), a, p, i) for h, a, p, i in self.chunks]
+                self.chunks = [(self._run(h, a, p, self.cur, layer - 1), a, p, *rest) for h, a, p, *rest in self.chunks]
             self.cur = layer
             self._versions = self._block_versions(layer)
 
@@ -166,13 +199,14 @@ class LayerwiseReader:
     def module_inputs(self, layer: int, module_name: str) -> torch.Tensor:
         """``[n, width_in]`` float32: the input of ``module_name`` (inside block ``layer``) at every subject token."""
         self._advance(layer)
-        out = []
-        for h, allowed, positions, pos in self.chunks:
+
+        def read(ch):
+            h, allowed, positions, *_ = ch
             with Trace(self.model, module_name, retain_input=True, retain_output=False, stop=True) as tr:
                 self._run(h, allowed, positions, layer, layer)
-            x = tr.input
-            out.append(x[torch.arange(len(pos), device=x.device), pos.to(x.device)].float())
-        return torch.cat(out)
+            return tr.input
+
+        return self._gather(read)
 
     @torch.no_grad()
     def block_outputs(self, layer: int, block: int) -> torch.Tensor:
@@ -181,11 +215,7 @@ class LayerwiseReader:
         if block < layer:
             raise ValueError(f"block_outputs: block {block} is below the read layer {layer}")
         self._advance(layer)
-        out = []
-        for h, allowed, positions, pos in self.chunks:
-            x = self._run(h, allowed, positions, layer, block)
-            out.append(x[torch.arange(len(pos), device=x.device), pos.to(x.device)].float())
-        return torch.cat(out)
+        return self._gather(lambda ch: self._run(ch[0], ch[1], ch[2], layer, block))
 
     @property
     def nbytes(self) -> int:
@@ -193,7 +223,8 @@ class LayerwiseReader:
 
 
 def layerwise_reader_bytes(tok, texts: Sequence[str], hidden_size: int, dtype: torch.dtype, chunk: int = 128) -> int:
-    """Bytes a :class:`LayerwiseReader` would hold for ``texts`` (each chunk padded to its longest row)."""
+    """Bytes of ``texts`` padded per chunk to its longest row: an upper bound of what a :class:`LayerwiseReader` holds
+    (it keeps only the distinct prefixes up to each subject token)."""
     lens = [len(x) for x in tok(list(texts))["input_ids"]]
     item = torch.empty((), dtype=dtype).element_size()
     return sum(len(lens[s : s + chunk]) * max(lens[s : s + chunk]) for s in range(0, len(lens), chunk)) * hidden_size * item

@@ -262,6 +262,41 @@ def nll_per_request(logprobs_at_targets: torch.Tensor, batch: _Batch) -> tuple[t
     return nll, prob
 
 
+class _LossHeadLogProbs(torch.autograd.Function):
+    """``log_softmax(logits)`` read at ``(row, token)`` for the first ``n`` rows (the NLL positions) and whole for the
+    remaining rows (the KL positions), with the gradient formed in one ``[rows, V]`` tensor: ``g_i - softmax_i · Σ g``
+    per row. Autograd's gather and slices of the log-probabilities would each zero-fill a ``[rows, V]`` gradient
+    first (measured: about a tenth of a SmolLM2 step on 2 cores). Same values and gradients."""
+
+    @staticmethod
+    def forward(ctx, logits, n: int, tokens):
+        lp = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(lp, tokens)
+        ctx.n = n
+        rows = torch.arange(n, device=lp.device)
+        return lp[rows, tokens], lp[n:].clone()
+
+    @staticmethod
+    def backward(ctx, g_tok, g_rest):
+        lp, tokens = ctx.saved_tensors
+        n = ctx.n
+        if g_tok is None:
+            g_tok = torch.zeros(n, dtype=lp.dtype, device=lp.device)
+        if g_rest is None:
+            g_rest = torch.zeros(lp.shape[0] - n, lp.shape[1], dtype=lp.dtype, device=lp.device)
+        grad = lp.exp()
+        grad.mul_(-torch.cat([g_tok, g_rest.sum(-1)])[:, None])
+        rows = torch.arange(n, device=lp.device)
+        grad[rows, tokens] += g_tok
+        grad[n:] += g_rest
+        return grad, None, None
+
+
+def head_log_probs(logits: torch.Tensor, n: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(tokens[i] | row i) for i < n, log p(· | row) of the rows from n on)`` from ``logits`` ``[rows, V]``."""
+    return _LossHeadLogProbs.apply(logits, n, tokens)
+
+
 def kl_per_request(kl_logprobs: torch.Tensor, kl_init: torch.Tensor) -> torch.Tensor:
     """``KL(p_cur || p_init) = Σ_v p_cur (log p_cur - log p_init)`` per request (one KL row each)."""
     return (kl_logprobs.exp() * (kl_logprobs - kl_init)).sum(-1)
@@ -621,10 +656,9 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
             h_nll, h_kl, init_now = fwd.forward(batch, D, first)
         # logits only where the loss reads them, in float32 (outside autocast); the NLL and KL positions in one
         # unembedding (one pass over the [V, d] head instead of two)
-        n_nll = h_nll.shape[0]
-        lp_all = torch.log_softmax(adapter.unembed(torch.cat([h_nll, h_kl.to(h_nll.device)])).float(), dim=-1)
-        lp, kl_lp = lp_all[:n_nll], lp_all[n_nll:].to(device)
-        lp_t = lp.gather(1, batch.nll_tok.to(lp.device)[:, None])[:, 0].to(device)
+        logits = adapter.unembed(torch.cat([h_nll, h_kl.to(h_nll.device)])).float()
+        lp_t, kl_lp = head_log_probs(logits, h_nll.shape[0], batch.nll_tok.to(logits.device))
+        lp_t, kl_lp = lp_t.to(device), kl_lp.to(device)
         nll, prob = nll_per_request(lp_t, batch)
         if first:
             for j, i in enumerate(active):
@@ -660,7 +694,7 @@ def _optimise_group(model, adapter: ArchAdapter, problems: list[TargetProblem], 
                 opts[i].step()
                 steps[i] += 1
                 clamp_delta_(deltas[i], hp.clamp_norm_factor * init_norm[i])
-        del h_nll, h_kl, lp_all, lp, kl_lp, loss
+        del h_nll, h_kl, logits, lp_t, kl_lp, loss
         active = still
         if not active:
             break
