@@ -9,7 +9,8 @@ off, so every request takes every step). The 1-step run is the setup (the forwar
 the edit point and above it, the lane layout) plus one forward; the cost of a further step (forward + backward + Adam) is
 ``(t(steps) - t(2)) / (steps - 2)``. Also printed: the suffix tokens of each group and the loss positions, from
 which a step's FLOPs follow. Hyper-parameters: the SmolLM2 fixture's ``hparams_memit.json`` (as
-``bench_edit_speed.py``); context templates sampled once (seed 0); no cache.
+``bench_edit_speed.py``); context templates sampled once (seed 0); no cache. Also printed: the rows, their positions
+before the suffix and how many distinct prefixes those are (the prefix pass runs each once).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def main(argv=None):
     from massedit.editing.context_templates import flatten, sample_memit_templates
     from massedit.editing.hparams import load_hparams_file
     from massedit.editing.memit import compute_targets
+    from massedit.editing.prefix_forest import build_forest
     from massedit.editing.targets import _group_by_step_tokens, build_target_problem, suffix_spans
 
     model, tok = load_model_and_tokenizer({"name_or_path": "smollm2-135m"}, device="cpu")
@@ -61,6 +63,12 @@ def main(argv=None):
         order = sorted(range(len(problems)), key=lambda i: (problems[i].max_len, i))
         groups = _group_by_step_tokens(problems, order, mt)
         tokens = [sum(e - s for i in g for s, e in suffix_spans(problems[i])) for g in groups]
+        n_rows = sum(p.n_rows for p in problems)
+        starts = [a for p in problems for a, _ in suffix_spans(p)]
+        distinct = 0  # the prefix pass's slots, group by group
+        for grp in groups:
+            distinct += build_forest([r for i in grp for r in problems[i].input_ids],
+                                     [a for i in grp for a, _ in suffix_spans(problems[i])], 128, 0).n_slots
         loss_positions = sum(p.n_rewrite * len(p.target_ids) + p.n_rows - p.n_rewrite for p in problems)
         t = {}
         for steps in (1, 2, args.steps):
@@ -70,12 +78,14 @@ def main(argv=None):
             t[steps] = time.perf_counter() - t0
         per_step = (t[args.steps] - t[2]) / (args.steps - 2)
         row = {"n": args.n, "step_tokens": mt, "groups": len(groups), "suffix_tokens_per_group": tokens,
-               "loss_positions": loss_positions, "t_1_step_s": round(t[1], 2), "t_2_steps_s": round(t[2], 2),
+               "loss_positions": loss_positions, "rows": n_rows, "prefix_positions": sum(starts),
+               "distinct_prefixes": distinct, "t_1_step_s": round(t[1], 2), "t_2_steps_s": round(t[2], 2),
                f"t_{args.steps}_steps_s": round(t[args.steps], 2), "per_step_s": round(per_step, 3),
                "setup_plus_first_forward_s": round(t[1], 2)}
         rows.append(row)
         print(f"n={args.n} step_tokens={mt}: {len(groups)} group(s), suffix tokens {tokens}, "
-              f"{loss_positions} loss positions | 1 step {t[1]:.2f} s (setup + one forward), 2 steps {t[2]:.2f} s, "
+              f"{loss_positions} loss positions; {n_rows} rows, {sum(starts)} prefix positions, {distinct} distinct "
+              f"prefixes | 1 step {t[1]:.2f} s (setup + one forward), 2 steps {t[2]:.2f} s, "
               f"{args.steps} steps {t[args.steps]:.2f} s -> {per_step:.3f} s a further step", flush=True)
     if args.json:
         from massedit.core.io import atomic_write_json

@@ -14,8 +14,8 @@ import torch
 from massedit.core.adapters import ArchAdapter
 from massedit.core.nethook import Trace
 from massedit.core.placement import execution_device, storage_version
-from massedit.core.tokenization import resolve_index, subject_token_index, token_type_ids_like, tokenize_batch
-from massedit.editing.prefix_forest import build_forest
+from massedit.core.tokenization import resolve_index, subject_token_index, tokenize_batch
+from massedit.editing.prefix_forest import build_forest, forest_forward
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,6 @@ class LayerwiseReader:
         self.model, self.adapter, self.cur, self.attention = model, adapter, int(first), attention
         idxs = lookup_indices(tok, templates, words, rule)
         texts = [t.format(w) for t, w in zip(templates, words)]
-        device = next(model.parameters()).device
         rows, cut = [], []
         for s in range(0, len(texts), chunk):
             enc = tokenize_batch(tok, texts[s : s + chunk])
@@ -139,23 +138,17 @@ class LayerwiseReader:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         forest = build_forest(rows, cut, lane_width, pad)
         self.n_slots = forest.n_slots
-        per = max(1, (chunk * lane_width) // forest.width)
-        dtype = next(model.parameters()).dtype
         # per chunk of lanes: (hidden entering block cur [lanes, W, d], allowed, positions, rows read there, lane, slot)
         self.chunks = []
-        with torch.no_grad():
-            for c in range(0, forest.n_lanes, per):
-                ids = forest.ids[c : c + per].to(device)
-                allowed = forest.allowed[c : c + per].to(device)
-                positions = forest.positions[c : c + per].to(device)
-                with Trace(model, adapter.block_name(self.cur), retain_input=True, retain_output=False, stop=True) as tr:
-                    model(input_ids=ids, attention_mask=adapter.attention_bias(allowed, dtype), position_ids=positions,
-                          use_cache=False, **token_type_ids_like(tok, ids))
-                h = tr.input.detach()
-                mine = [r for r in range(len(rows)) if c <= forest.lane[r] < c + per]
-                lane = torch.tensor([forest.lane[r] - c for r in mine], dtype=torch.long)
-                slot = torch.tensor([forest.slots[r][cut[r] - 1] for r in mine], dtype=torch.long)
-                self.chunks.append((h, allowed.to(h.device), positions.to(h.device), torch.tensor(mine), lane, slot))
+        block = adapter.block_name(self.cur)
+        for c, td in forest_forward(model, adapter, tok, forest, [block], chunk * lane_width, retain_input=True):
+            h = td[block].input.detach()
+            lanes = slice(c, c + h.shape[0])
+            mine = [r for r in range(len(rows)) if lanes.start <= forest.lane[r] < lanes.stop]
+            lane = torch.tensor([forest.lane[r] - c for r in mine], dtype=torch.long)
+            slot = torch.tensor([forest.slots[r][cut[r] - 1] for r in mine], dtype=torch.long)
+            self.chunks.append((h, forest.allowed[lanes].to(h.device), forest.positions[lanes].to(h.device),
+                                torch.tensor(mine), lane, slot))
         self._versions = self._block_versions(self.cur)
 
     def _gather(self, read) -> torch.Tensor:

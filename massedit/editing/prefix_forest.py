@@ -12,9 +12,12 @@ subject token are 566 distinct prefixes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
+
+from massedit.core.nethook import TraceDict
+from massedit.core.tokenization import token_type_ids_like
 
 
 @dataclass
@@ -99,3 +102,21 @@ def build_forest(rows: Sequence[Sequence[int]], lengths: Sequence[int], width: i
                 allowed[li, j] |= allowed[li, parent]
             source[li][j] = (r, p)
     return PrefixForest(ids, positions, allowed, lane_of, slots_of, source, sum(len(n) for n in lane_nodes))
+
+
+@torch.no_grad()
+def forest_forward(model, adapter, tok, forest: PrefixForest, names: Sequence[str], max_slots: int, *,
+                   retain_input: bool = False) -> Iterator[tuple[int, TraceDict]]:
+    """The model's own forward on the forest's lanes, in chunks of at most ``max_slots`` slots (at least one lane),
+    each lane's ancestor pattern passed as a 4D mask (:meth:`ArchAdapter.attention_bias`) and its depths as position
+    ids; the forward stops after the last of ``names``. Yields ``(first lane of the chunk, traces of names)``."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    per = max(1, int(max_slots) // forest.width)
+    for c in range(0, forest.n_lanes, per):
+        ids = forest.ids[c : c + per].to(device)
+        mask = adapter.attention_bias(forest.allowed[c : c + per].to(device), dtype)
+        with TraceDict(model, names, retain_input=retain_input, retain_output=True, stop=True) as td:
+            model(input_ids=ids, attention_mask=mask, position_ids=forest.positions[c : c + per].to(device),
+                  use_cache=False, **token_type_ids_like(tok, ids))
+        yield c, td

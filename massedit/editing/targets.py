@@ -16,7 +16,8 @@ template) at δ = 0. Result: the target ``v0 + δ``.
 one forward/backward per step for the whole sub-batch, each request with its own δ and its own Adam
 state, early stop and clamp (finished requests leave the batch). Rows of different requests do not
 interact, so the result equals one-at-a-time optimisation up to float rounding. Sub-batches are
-bounded by ``max_tokens`` padded whole-row tokens. Logits are formed only at the positions the loss reads
+bounded by ``hp.targets_step_tokens`` suffix tokens (suffix mode) or ``hp.targets_max_tokens`` padded whole-row
+tokens (full mode). Logits are formed only at the positions the loss reads
 (final norm + unembedding of the gathered hidden states), which is the same arithmetic per position.
 
 **What runs per step** (``hp.targets_forward``). ``"suffix"`` (default, :class:`_SuffixForward`): the blocks up
@@ -42,7 +43,7 @@ from massedit.core.adapters import ArchAdapter, PrefixKVCache
 from massedit.core.nethook import TraceDict
 from massedit.core.tokenization import (encode, subject_token_index, target_token_ids, token_type_ids_like,
                                         with_leading_space)
-from massedit.editing.prefix_forest import build_forest
+from massedit.editing.prefix_forest import build_forest, forest_forward
 
 log = logging.getLogger(__name__)
 
@@ -422,9 +423,9 @@ class _SuffixForward:
     """Only what δ changes is recomputed. δ enters the residual stream at block E (MEMIT: added to block L's output;
     ROME: to the MLP output of layer l, which the block adds to its residual unchanged, so the block output gains the
     same δ) at the row's subject token ``i``. Positions before ``i`` do not attend to it, so above E their states,
-    keys and values are those at δ = 0. Once per group (at δ = 0): the model up to block E on whole rows, then the
-    blocks above E on each row's prefix ``[0, s)`` with ``s = min(i, first loss position)``, keeping their K/V
-    (:class:`PrefixKVCache`). Every step: the suffix ``[s, len)`` through blocks E+1..N with δ added at ``i``,
+    keys and values are those at δ = 0. Once per group (at δ = 0): the model up to block E on the rows' positions
+    ``[0, end)``, then the blocks above E on each row's prefix ``[0, s)`` with ``s = min(i, first loss position)``,
+    keeping their K/V (:class:`PrefixKVCache`); both over the rows' distinct prefixes only (:func:`build_forest`). Every step: the suffix ``[s, len)`` through blocks E+1..N with δ added at ``i``,
     attending to the cached prefix K/V plus itself (causally), at its true positions."""
 
     def __init__(self, model, adapter: ArchAdapter, problems, *, edit_module, edit_is_block, nll_layer, tok, device,
@@ -482,23 +483,16 @@ class _SuffixForward:
         self.sel = None
 
     def _frozen_forward(self, model, tok, forest, edit_module, edit_is_block, max_tokens, init_lane, init_slot):
-        """The model's own forward up to block E on the forest's lanes (their ancestor attention pattern passed as a
-        4D mask, their depths as position ids), in chunks of at most ``max_tokens`` slots: block E's output
-        ``[lanes, width, d]`` and the edit module's output at ``(init_lane, init_slot)``."""
-        a = self.adapter
-        names = [edit_module, a.block_name(self.E)]
-        dtype = next(model.parameters()).dtype
-        per = max(1, int(max_tokens) // forest.width)
+        """The model's own forward up to block E on the forest's lanes (:func:`forest_forward`, chunks of at most
+        ``max_tokens`` slots): block E's output ``[lanes, width, d]`` and the edit module's output at
+        ``(init_lane, init_slot)``."""
+        block = self.adapter.block_name(self.E)
         hs, inits = [], []
-        for c in range(0, forest.n_lanes, per):
-            ids = forest.ids[c:c + per].to(self.device)
-            mask = a.attention_bias(forest.allowed[c:c + per].to(self.device), dtype)
-            with torch.no_grad(), TraceDict(model, names, retain_output=True, stop=True) as td:
-                model(input_ids=ids, attention_mask=mask, position_ids=forest.positions[c:c + per].to(self.device),
-                      use_cache=False, **token_type_ids_like(tok, ids))
-            hs.append(ArchAdapter.block_hidden(td[a.block_name(self.E)].output).detach())
+        for c, td in forest_forward(model, self.adapter, tok, forest, [edit_module, block], max_tokens):
+            h = ArchAdapter.block_hidden(td[block].output).detach()
+            hs.append(h)
             out = ArchAdapter.block_hidden(td[edit_module].output) if edit_is_block else td[edit_module].output
-            mine = (init_lane >= c) & (init_lane < c + per)
+            mine = (init_lane >= c) & (init_lane < c + h.shape[0])
             inits.append((torch.nonzero(mine)[:, 0], out[(init_lane[mine] - c).to(out.device),
                                                            init_slot[mine].to(out.device)].detach()))
             del td, out
